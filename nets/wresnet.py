@@ -1,0 +1,220 @@
+"""Wide ResNet exactly as the authors build it (sseung0703/IEPKT ``nets/WResNet.py``).
+
+Widths ``[16, 16k, 32k, 64k]``, ``n = (depth-4)//6`` pre-activation basic blocks per group, group
+strides 1, 2, 2. The stem ``conv0`` is 3x3/1 when the input is 32 pixels high and 7x7/2 otherwise
+(WResNet.py: ``image.get_shape().as_list()[1] == 32``). The head is ``bn0`` + ReLU, global average
+pooling and the fully connected ``full`` with a zero-initialised bias.
+
+Every variable is reported under its TF1 name (``tf1_variables()``), e.g.
+``Student/WResblock1/BasicBlock0/conv2/weights``, so the authors' ``train_params.mat`` loads 1:1.
+"""
+from __future__ import annotations
+
+import numbers
+
+import keras
+import tensorflow as tf
+
+from nets.layers import BatchNorm, Conv2D, Dense, collect_tf1_variables
+
+
+def stem_for_height(height):
+    """(kernel, stride) of the stem ``conv0``: 3x3/1 for 32-pixel-high inputs, else 7x7/2."""
+    return (3, 1) if int(height) == 32 else (7, 2)
+
+
+def image_hw(image_size):
+    """``(H, W)`` from an int, ``(H, W)`` or ``(H, W, C)``."""
+    try:
+        if isinstance(image_size, numbers.Integral):
+            h = w = int(image_size)
+        else:
+            h, w = int(image_size[0]), int(image_size[1])
+    except (TypeError, IndexError, ValueError):
+        h = w = 0
+    if h < 1 or w < 1:
+        raise ValueError(f"image_size must be a positive int or (H, W[, C]), got {image_size!r}")
+    return h, w
+
+
+def ceil_div(a, b):
+    return -(-a // b)
+
+
+def dropout(x, keep_rate, mask=None):
+    """``tcl.dropout(x, keep_rate)`` in training mode, with tf.nn.dropout's arithmetic:
+    ``where(mask, x * (1/(1-rate)), 0)``, ``rate = 1 - keep_rate``, keep-mask ``U[0,1) < keep_rate``
+    unless one is given."""
+    rate = 1.0 - keep_rate
+    if mask is None:
+        mask = tf.random.uniform(tf.shape(x), dtype=tf.float32) < keep_rate
+    else:
+        mask = tf.convert_to_tensor(mask)
+        if mask.dtype != tf.bool:
+            raise ValueError(f"dropout mask must be bool, got {mask.dtype.name}")
+        if mask.shape.is_fully_defined() and x.shape.is_fully_defined() and mask.shape != x.shape:
+            raise ValueError(f"dropout mask has shape {mask.shape.as_list()}, expected {x.shape.as_list()}")
+    scale = tf.cast(1.0 / (1.0 - rate), x.dtype)
+    return tf.where(mask, x * scale, tf.zeros_like(x))
+
+
+class BasicBlock(keras.layers.Layer):
+    """WResNet.py ``BasicBlock``: pre-activation block with TF1 sub-scopes ``bn``, ``conv0``,
+    ``bn0``, ``conv1`` and (when the width changes) the 1x1 shortcut ``conv2``.
+
+    ``call(x, training, dropout_mask)`` returns ``(x + out, entry)`` where ``entry`` is the
+    BN+ReLU of the input (the tensor the authors add to ``feat`` in ``BasicBlock0``).
+    """
+
+    def __init__(self, in_planes, out_planes, stride, keep_rate=1.0, **kwargs):
+        super().__init__(**kwargs)
+        self.equal_in_out = int(in_planes) == int(out_planes)
+        self.keep_rate = float(keep_rate)
+        self.bn = BatchNorm(name="bn")
+        self.conv0 = Conv2D(out_planes, 3, stride, name="conv0")
+        self.bn0 = BatchNorm(name="bn0")
+        self.conv1 = Conv2D(out_planes, 3, 1, name="conv1")
+        self.conv2 = None if self.equal_in_out else Conv2D(out_planes, 1, stride, name="conv2")
+
+    def tf1_layers(self):
+        out = {"bn": self.bn, "conv0": self.conv0, "bn0": self.bn0, "conv1": self.conv1}
+        if self.conv2 is not None:
+            out["conv2"] = self.conv2
+        return out
+
+    def call(self, x, training=False, dropout_mask=None):
+        entry = tf.nn.relu(self.bn(x, training=training))
+        # equalInOut: residual reads BN+ReLU(x), shortcut is the raw x; otherwise both read it.
+        shortcut = x if self.equal_in_out else self.conv2(entry)
+        out = tf.nn.relu(self.bn0(self.conv0(entry), training=training))
+        if training and self.keep_rate < 1.0:
+            out = dropout(out, self.keep_rate, dropout_mask)
+        out = self.conv1(out)
+        return tf.cast(shortcut, out.dtype) + out, entry
+
+
+class WResNet(keras.Model):
+    """WRN-``depth``-``widen_factor`` under TF1 scope ``scope`` (``Student`` / ``Teacher``).
+
+    ``call(images, training=False, dropout_masks=None) -> (logits, feats)``: ``logits`` float32
+    ``[B, num_classes]``; ``feats`` the authors' ``feat`` collection for this network (compute
+    dtype): BN+ReLU at the entry of ``WResblock{0,1,2}/BasicBlock0`` and the final BN+ReLU.
+    IEP senses ``feats[1:4]`` (WResNet.py lines 205-207).
+
+    Deviation: the authors' ``name[-1] == '0'`` test also records ``BasicBlock10``, ``20``... for
+    depth >= 70; we record only ``BasicBlock0`` of each group, so there are always 4 feats.
+
+    ``training=True``: batch statistics with a moving-average update, and dropout with
+    ``keep_rate`` (0.7 for the trained network on 32x32 inputs, see ``nets_factory``).
+    ``dropout_masks``: optional ``{"<scope>/WResblock{g}/BasicBlock{i}/Dropout": bool keep-mask}``
+    replacing the random draw (used where dropout is active, i.e. training and keep_rate < 1).
+    """
+
+    def __init__(self, depth, widen_factor, num_classes, scope="Student", keep_rate=1.0, name=None):
+        super().__init__(name=name or scope)
+        depth, widen_factor, num_classes = int(depth), int(widen_factor), int(num_classes)
+        if depth < 10 or (depth - 4) % 6:
+            raise ValueError(f"WResNet depth must be 6n+4 with n >= 1 (10, 16, 22, 28, 40, ...), got {depth}")
+        if widen_factor < 1:
+            raise ValueError(f"WResNet widen_factor must be >= 1, got {widen_factor}")
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if not 0.0 < float(keep_rate) <= 1.0:
+            raise ValueError(f"keep_rate must be in (0, 1], got {keep_rate}")
+        self.depth, self.widen_factor, self.num_classes = depth, widen_factor, num_classes
+        self.scope = scope
+        self.keep_rate = float(keep_rate)
+        self.n = (depth - 4) // 6
+        self.n_channels = [16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
+        self.strides = [1, 2, 2]
+        self.feature_channels = list(self.n_channels)
+        self.arch = f"WResNet-{depth}-{widen_factor}"
+        self.input_height = None
+        self.conv0 = None  # the stem; its kernel depends on the input height (see build)
+        self.groups = []
+        in_planes = self.n_channels[0]
+        for g in range(3):
+            blocks = []
+            for i in range(self.n):
+                blocks.append(BasicBlock(in_planes, self.n_channels[g + 1],
+                                         self.strides[g] if i == 0 else 1, self.keep_rate,
+                                         name=f"WResblock{g}_BasicBlock{i}"))
+                in_planes = self.n_channels[g + 1]
+            self.groups.append(blocks)
+        self.bn0 = BatchNorm(name="bn0")
+        self.full = Dense(num_classes, use_bias=True, name="full")
+        self.dropout_scopes = [f"{scope}/WResblock{g}/BasicBlock{i}/Dropout"
+                               for g in range(3) for i in range(self.n)]
+
+    def build(self, input_shape):
+        height = input_shape[1]
+        if height is None:
+            raise ValueError(f"{self.scope}: the image height must be static (the stem depends on it)")
+        kernel, stride = stem_for_height(height)
+        self.input_height = int(height)
+        self.conv0 = Conv2D(self.n_channels[0], kernel, stride, name="conv0")
+
+    def build_for(self, image_size):
+        """Create every variable by one inference call on zeros of ``image_size`` (H, W[, C])."""
+        h, w = image_hw(image_size)
+        self(tf.zeros([1, h, w, 3]), training=False)
+        return self
+
+    def feature_shapes(self, image_size):
+        """``[(H, W, C)]`` of the 4 feats for an input of ``image_size`` (SAME padding)."""
+        h, w = image_hw(image_size)
+        s = stem_for_height(h)[1]
+        h, w = ceil_div(h, s), ceil_div(w, s)
+        shapes = [(h, w, self.n_channels[0])]
+        for g in range(3):
+            if g:
+                h, w = ceil_div(h, self.strides[g]), ceil_div(w, self.strides[g])
+            shapes.append((h, w, self.n_channels[g + 1]))
+        # stem output = entry of group 0; output of group g = entry of group g+1; then the head.
+        return shapes
+
+    def _check_masks(self, dropout_masks):
+        if not dropout_masks:
+            return {}
+        unknown = sorted(set(dropout_masks) - set(self.dropout_scopes))
+        if unknown:
+            raise ValueError(f"dropout_masks: unknown scope(s) {unknown}; expected keys among "
+                             f"{self.dropout_scopes}")
+        return dropout_masks
+
+    def call(self, images, training=False, dropout_masks=None):
+        masks = self._check_masks(dropout_masks)
+        if images.shape[1] is not None and (int(images.shape[1]) == 32) != (self.input_height == 32):
+            raise ValueError(f"{self.scope} was built for {self.input_height}-pixel-high images "
+                             f"(stem {stem_for_height(self.input_height)}), got height {images.shape[1]}")
+        x = self.conv0(images)
+        feats = []
+        for g, blocks in enumerate(self.groups):
+            for i, block in enumerate(blocks):
+                x, entry = block(x, training=training,
+                                 dropout_mask=masks.get(f"{self.scope}/WResblock{g}/BasicBlock{i}/Dropout"))
+                if i == 0:
+                    feats.append(entry)
+        x = tf.nn.relu(self.bn0(x, training=training))
+        feats.append(x)
+        logits = self.full(tf.reduce_mean(x, [1, 2]))
+        return tf.cast(logits, tf.float32), feats
+
+    def tf1_layers(self):
+        """``{TF1 scope relative to self.scope: leaf layer}`` in the authors' creation order."""
+        out = {"conv0": self.conv0}
+        for g, blocks in enumerate(self.groups):
+            for i, block in enumerate(blocks):
+                for sub, layer in block.tf1_layers().items():
+                    out[f"WResblock{g}/BasicBlock{i}/{sub}"] = layer
+        out["bn0"] = self.bn0
+        out["full"] = self.full
+        return out
+
+    def tf1_variables(self):
+        """``{TF1 name: variable}``: every trainable variable and BN moving statistic."""
+        layers = self.tf1_layers()
+        if self.conv0 is None or not all(layer.built for layer in layers.values()):
+            raise RuntimeError(f"{self.scope}: variables are created on the first call; "
+                               "call the model or build_for(image_size) first")
+        return collect_tf1_variables(layers, prefix=self.scope)
