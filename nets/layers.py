@@ -48,7 +48,7 @@ class Conv2D(keras.layers.Layer):
         self.kernel = self.add_weight(
             name="weights",
             shape=(self.kernel_size, self.kernel_size, int(input_shape[-1]), self.filters),
-            initializer=FanOutTruncatedNormal(), trainable=True, dtype="float32")
+            initializer=FanOutTruncatedNormal(), trainable=True, dtype="float32", autocast=False)
 
     def call(self, x):
         x = tf.cast(x, self.compute_dtype)
@@ -73,11 +73,11 @@ class Dense(keras.layers.Layer):
     def build(self, input_shape):
         self.kernel = self.add_weight(
             name="weights", shape=(int(input_shape[-1]), self.units),
-            initializer=FanOutTruncatedNormal(), trainable=True, dtype="float32")
+            initializer=FanOutTruncatedNormal(), trainable=True, dtype="float32", autocast=False)
         self.bias = None
         if self.use_bias:
             self.bias = self.add_weight(name="biases", shape=(self.units,), initializer="zeros",
-                                        trainable=True, dtype="float32")
+                                        trainable=True, dtype="float32", autocast=False)
 
     def call(self, x):
         x = tf.cast(x, self.compute_dtype)
@@ -125,12 +125,12 @@ class BatchNorm(keras.layers.Layer):
     def build(self, input_shape):
         c = int(input_shape[-1])
         self.rank = len(input_shape)
-        self.gamma = self.add_weight(name="gamma", shape=(c,), initializer="ones", dtype="float32")
-        self.beta = self.add_weight(name="beta", shape=(c,), initializer="zeros", dtype="float32")
+        self.gamma = self.add_weight(name="gamma", shape=(c,), initializer="ones", dtype="float32", autocast=False)
+        self.beta = self.add_weight(name="beta", shape=(c,), initializer="zeros", dtype="float32", autocast=False)
         self.moving_mean = self.add_weight(name="moving_mean", shape=(c,), initializer="zeros",
-                                           trainable=False, dtype="float32")
+                                           trainable=False, dtype="float32", autocast=False)
         self.moving_variance = self.add_weight(name="moving_variance", shape=(c,),
-                                               initializer="ones", trainable=False, dtype="float32")
+                                               initializer="ones", trainable=False, dtype="float32", autocast=False)
 
     def _fused(self, x, training):
         shape = None
