@@ -1,0 +1,72 @@
+"""Per-variable clipping of the distillation gradients (our reconstruction of Optimizer_w_IEP).
+
+The authors did not publish the optimiser of IEPKT (``op_util.Optimizer_w_IEP`` is imported by
+train_w_distill.py but not in the repository). The paper says each distillation gradient is
+clipped to the norm of the target (cross-entropy) gradient; the same authors' ``Optimizer_w_MHGD``
+(KD_methods_with_TF op_util.py) does exactly that, per variable::
+
+    norm = sqrt(sum(square(g_ce))) * sigmoid(epoch - init_epoch)
+    g    = g_wdecay + g_ce + clip_by_norm(g_dist, norm)
+
+IEP has three distillation losses (K_int, K_alt, K_BB). We compute their gradients separately and
+clip each one on its own against the same bound, then sum (``clip_distillation_grads``), so one
+loss with a large gradient cannot use up the budget of the others.
+
+Variables that the cross-entropy does not reach (the student-side channel adapters, which the
+authors' code does not have) have no reference norm; their distillation gradients are scaled by the
+warm-up factor and not clipped (``unreached="warm"``), or dropped (``unreached="drop"``).
+"""
+from __future__ import annotations
+
+import tensorflow as tf
+
+
+def grad_norm(g):
+    """``sqrt(sum(square(g)))`` as in Optimizer_w_MHGD."""
+    return tf.sqrt(tf.reduce_sum(tf.square(g)))
+
+
+def clip_by_reference(g_dist, g_ce, warm, unreached="warm"):
+    """``clip_by_norm(g_dist, ||g_ce|| * warm)`` for one variable (None-safe).
+
+    Same arithmetic as ``tf.clip_by_norm`` (``g * bound / max(||g||, bound)``) but defined as 0
+    when both norms are 0 (where ``tf.clip_by_norm`` returns NaN).
+    """
+    if g_dist is None:
+        return None
+    warm = tf.cast(warm, g_dist.dtype)
+    if g_ce is None:
+        if unreached == "warm":
+            return g_dist * warm
+        if unreached == "drop":
+            return None
+        raise ValueError(f"clip_by_reference: unreached must be 'warm' or 'drop', got {unreached!r}")
+    bound = grad_norm(tf.cast(g_ce, g_dist.dtype)) * warm
+    denom = tf.maximum(grad_norm(g_dist), bound)
+    safe = tf.where(denom > 0, denom, tf.ones_like(denom))
+    return tf.where(denom > 0, g_dist * bound / safe, tf.zeros_like(g_dist))
+
+
+def clip_to_reference(dist_grads, ce_grads, warm, unreached="warm"):
+    """``clip_by_reference`` over aligned lists of one loss's gradients and the CE gradients."""
+    dist_grads, ce_grads = list(dist_grads), list(ce_grads)
+    if len(dist_grads) != len(ce_grads):
+        raise ValueError(f"clip_to_reference: {len(dist_grads)} distillation gradients for "
+                         f"{len(ce_grads)} cross-entropy gradients")
+    return [clip_by_reference(gd, gc, warm, unreached) for gd, gc in zip(dist_grads, ce_grads)]
+
+
+def clip_distillation_grads(ce_grads, dist_grads_list, warm, unreached="warm"):
+    """Per variable: ``g_ce + sum_k clip_by_norm(g_k, ||g_ce|| * warm)``.
+
+    ``ce_grads``: list over variables (None allowed); ``dist_grads_list``: one such list per
+    distillation loss. Returns ``(grads, clipped)`` where ``clipped[k]`` is the clipped list of loss
+    k (for logging norms) and ``grads`` the per-variable sum (None where nothing reached it).
+    """
+    ce_grads = list(ce_grads)
+    clipped = [clip_to_reference(dg, ce_grads, warm, unreached) for dg in dist_grads_list]
+    grads = []
+    for i, gc in enumerate(ce_grads):
+        parts = [g for g in [gc] + [c[i] for c in clipped] if g is not None]
+        grads.append(None if not parts else (parts[0] if len(parts) == 1 else tf.add_n(parts)))
+    return grads, clipped
