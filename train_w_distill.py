@@ -10,6 +10,10 @@ weight decay 5e-4, 100 epochs; with IEP an initial phase of 20 epochs trains onl
 module. At the end ``train_params.mat`` (every TF1-named variable of ``--main_scope``) and
 ``log.mat`` (``training_acc``, ``validation_acc`` per epoch) are written, TensorBoard events go to
 ``--train_dir`` and a checkpoint is kept per epoch (``--resume`` continues a run exactly).
+Every ``--vis_every`` epochs (between epochs, never inside a training step) the interpretability
+panels of a fixed test sample are logged as TensorBoard images and the parameters saved to
+``vis/params_epoch_XXX.mat`` (``python -m iepkt_tf.visualize --run_dir`` makes GIFs of them); the
+settings go once to TensorBoard's HParams dashboard.
 ``python train_w_distill.py --helpfull`` documents every flag.
 
 Differences from the authors' loop (documented choices):
@@ -114,6 +118,19 @@ FLAG_SPECS = (
      "Enable TensorFlow op determinism (bitwise-reproducible runs and resumes; can be slower on "
      "GPU)."),
     ("integer", "log_every", 200, "Print a progress line and write step summaries every N steps."),
+    ("integer", "vis_every", 5,
+     "Interpretability frames every N epochs and at the last epoch (0 = off), between epochs only: "
+     "on a fixed, seeded sample of --vis_images test images the stacked-PCA embedding, graph and "
+     "heat-map panels of sensing points 1-3 go to TensorBoard (images iep/point{1,2,3}/..., "
+     "histograms of the first two coordinates); with IEP the student is drawn in the teacher's "
+     "frame next to the MPNN estimate A^ and messages, without IEP the main network alone. Each "
+     "frame keeps the previous frame's orientation. See also --vis_snapshots."),
+    ("integer", "vis_images", 64,
+     "Size of the fixed, seeded test-set sample drawn by --vis_every (at least 3)."),
+    ("boolean", "vis_snapshots", True,
+     "With --vis_every: also save each frame's parameters (main network, plus the distiller with "
+     "IEP; about the size of train_params.mat) to TRAIN_DIR/vis/params_epoch_XXX.mat, for GIFs "
+     "with `python -m iepkt_tf.visualize --run_dir TRAIN_DIR`."),
     ("integer", "keep_checkpoints", 2, "Number of per-epoch checkpoints kept in --train_dir/ckpt."),
     ("integer", "synthetic_classes", 10, "synthetic dataset: number of classes."),
     ("integer", "synthetic_train_per_class", 200, "synthetic dataset: training images per class."),
@@ -213,6 +230,8 @@ def resolve_config(cfg):
     _at_least(cfg, "mpnn_iter", 1)
     _at_least(cfg, "log_every", 1)
     _at_least(cfg, "keep_checkpoints", 1)
+    _at_least(cfg, "vis_every", 0)
+    _at_least(cfg, "vis_images", 3)
     for name in ("synthetic_classes", "synthetic_train_per_class", "synthetic_test_per_class",
                  "synthetic_image_size"):
         _at_least(cfg, name, 1 if name != "synthetic_classes" else 2)
@@ -402,6 +421,99 @@ def _tag(key, phase):
     return "loss/" + key
 
 
+# Settings shown in TensorBoard's HParams dashboard: all but where/how the run is stored and reported.
+HPARAMS_EXCLUDE = ("train_dir", "data_dir", "resume", "stop_after", "log_every", "keep_checkpoints",
+                   "vis_every", "vis_images", "vis_snapshots")
+# The scalar tags (all written by the loop below) the dashboard lists next to them.
+HPARAMS_METRICS = ("accuracy/validation", "accuracy/train", "loss/validation", "loss/total")
+# Geometry of the TensorBoard frames (the visualize CLI's --size and --thumb, so that the CLI on
+# the snapshots redraws exactly these frames).
+VIS_PANEL = dict(size=512, thumb=24)
+
+
+def run_hparams(cfg):
+    """The resolved settings logged once per run to the HParams dashboard."""
+    return {k: getattr(cfg, k) for k in FLAG_NAMES + ("main_arch",) if k not in HPARAMS_EXCLUDE}
+
+
+def vis_due(cfg, epoch, total_epoch):
+    """Whether epoch ``epoch`` (0-based) ends with an interpretability frame (``--vis_every``)."""
+    return cfg.vis_every > 0 and ((epoch + 1) % cfg.vis_every == 0 or epoch + 1 == total_epoch)
+
+
+class EpochFrames:
+    """The interpretability frames of a run (``--vis_every``), drawn between epochs only.
+
+    A fixed, seeded sample of ``--vis_images`` test images (:func:`iepkt_tf.visualize.fixed_sample`);
+    per frame the main network's sensing maps, :func:`~iepkt_tf.visualize.make_panels` (teacher
+    maps computed once: the teacher is fixed; the distiller in inference mode, its state untouched)
+    with the previous frame as ``reference``, :func:`~iepkt_tf.visualize.log_iep_images` at step
+    ``epoch`` and, with ``--vis_snapshots``, :func:`~iepkt_tf.visualize.save_snapshot`. The last
+    frame's coordinates are kept in ``vis/frame_coords.npz`` so a resumed run keeps the orientation.
+    """
+
+    def __init__(self, cfg, images, labels, network, teacher=None, distiller=None, start_epoch=0):
+        import numpy as np
+
+        from iepkt_tf.visualize import fixed_sample, run_features
+
+        idx = fixed_sample(labels, cfg.vis_images, cfg.seed)
+        self.images, self.labels = np.asarray(images)[idx], np.asarray(labels)[idx]
+        self.network, self.distiller = network, distiller
+        self.batch, self.seed = cfg.val_batch_size, cfg.seed
+        self.snapshots, self.train_dir = cfg.vis_snapshots, cfg.train_dir
+        self.coords_path = os.path.join(cfg.train_dir, "vis", "frame_coords.npz")
+        self.teacher_feats = None if teacher is None else run_features(teacher, self.images, self.batch)
+        self.reference = self._load_reference(start_epoch)
+        self.notes = set()
+
+    def _load_reference(self, before_epoch):
+        """The last frame written before ``before_epoch`` (same sample), or None."""
+        import numpy as np
+
+        from iepkt_tf.visualize import Panels
+
+        if not os.path.isfile(self.coords_path):
+            return None
+        with np.load(self.coords_path, allow_pickle=False) as z:
+            epoch = int(z["epoch"])
+            coords = {k: z[k] for k in z.files if k != "epoch"}
+        if epoch >= before_epoch or any(c.shape[0] != len(self.labels) for c in coords.values()):
+            return None
+        return Panels({}, coords, [])
+
+    def _save_coords(self, epoch, coords):
+        import numpy as np
+
+        os.makedirs(os.path.dirname(self.coords_path), exist_ok=True)
+        tmp = self.coords_path + ".tmp"
+        with open(tmp, "wb") as f:
+            np.savez(f, epoch=np.int64(epoch), **coords)
+        os.replace(tmp, self.coords_path)
+
+    def __call__(self, writer, epoch):
+        """Draw and log the frame of epoch ``epoch``; returns ``(panels, snapshot path or None)``."""
+        from iepkt_tf.visualize import log_iep_images, make_panels, run_features, save_snapshot
+
+        t0 = time.perf_counter()
+        feats = run_features(self.network, self.images, self.batch)
+        panels = make_panels(self.images, self.labels, feats, self.teacher_feats, self.distiller,
+                             reference=self.reference, seed=self.seed, caption=f"EPOCH {epoch:03d}",
+                             **VIS_PANEL)
+        log_iep_images(writer, epoch, panels)
+        self._save_coords(epoch, panels.coords)
+        path = save_snapshot(self.train_dir, epoch, self.network, self.distiller) if self.snapshots else None
+        self.reference = panels
+        print(f"Epoch {epoch:03d} frame: {len(panels.images)} panels of {len(self.labels)} test images "
+              f"-> TensorBoard iep/*" + (f", {path}" if path else "")
+              + f" ({time.perf_counter() - t0:.1f} s)", flush=True)
+        for note in panels.notes:
+            if note not in self.notes:
+                self.notes.add(note)
+                print(f"  note: {note}", flush=True)
+        return panels, path
+
+
 def _run(cfg, epoch_hook):
     import keras
     import numpy as np
@@ -494,7 +606,8 @@ def _run(cfg, epoch_hook):
     checkpoint = tf.train.Checkpoint(**tracked)
     manager = tf.train.CheckpointManager(checkpoint, ckpt_dir, max_to_keep=cfg.keep_checkpoints)
     start_epoch = 0
-    if manager.latest_checkpoint:
+    resumed = bool(manager.latest_checkpoint)
+    if resumed:
         # Every variable must come back; the loss scale only if the run had one (the precision
         # may differ between the interrupted and the resumed run, e.g. GPU -> CPU).
         saved = {k.split("/")[0] for k, _ in tf.train.list_variables(manager.latest_checkpoint)}
@@ -512,7 +625,14 @@ def _run(cfg, epoch_hook):
     if epoch_hook is not None:
         epoch_hook("start", start_epoch, state)
 
+    frames = None
+    if cfg.vis_every > 0 and start_epoch < total_epoch:
+        frames = EpochFrames(cfg, data.test_images, np.asarray(data.test_labels), network, teacher,
+                             distiller, start_epoch)
     writer = tf.summary.create_file_writer(train_dir)
+    if not resumed:
+        from iepkt_tf.visualize import log_hparams
+        log_hparams(writer, run_hparams(cfg), metrics=HPARAMS_METRICS)
     logs = logs_var.numpy()
     epochs_run = 0
     traced = set()  # phases whose step function has run once (the first call traces/compiles)
@@ -582,6 +702,8 @@ def _run(cfg, epoch_hook):
             epoch_var.assign(epoch + 1)
             manager.save(checkpoint_number=epoch + 1)
             epochs_run += 1
+            if frames is not None and vis_due(cfg, epoch, total_epoch):
+                frames(writer, epoch)
             if epoch_hook is not None:
                 epoch_hook("epoch_end", epoch, state)
             if cfg.stop_after and epochs_run >= cfg.stop_after and epoch + 1 < total_epoch:
@@ -605,6 +727,14 @@ def _run(cfg, epoch_hook):
     print(f"Parameters: {params_path}", flush=True)
     print(f"Accuracy log: {log_path}", flush=True)
     print(f"Checkpoints: {ckpt_dir}", flush=True)
+    if cfg.vis_every > 0 and cfg.vis_snapshots:
+        print(f"Frames: {os.path.join(train_dir, 'vis')} (GIFs: python -m iepkt_tf.visualize --run_dir "
+              f"{train_dir} --out_dir OUT --dataset {cfg.dataset} --split test --num_images "
+              f"{cfg.vis_images} --seed {cfg.seed} --size {VIS_PANEL['size']} --thumb {VIS_PANEL['thumb']}"
+              + (f" --data_dir {cfg.data_dir}" if cfg.data_dir else "")
+              + (f" --image_size {cfg.synthetic_image_size}" if cfg.dataset == "synthetic" else "")
+              + (f" --teacher_params {cfg.teacher_params} --mpnn_iter {cfg.mpnn_iter}" if iep else "")
+              + ")", flush=True)
     return {"stopped": False, "train_dir": train_dir, "train_params": params_path, "log": log_path,
             "checkpoint": manager.latest_checkpoint, "epochs_done": done, "logs": log}
 

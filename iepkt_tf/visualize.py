@@ -167,6 +167,18 @@ def distiller_views(distiller, teacher_feats, student_feats=None):
 # Panels
 # --------------------------------------------------------------------------------------------------
 
+def _adapted_student(distiller, feats):
+    """``{k: map}`` of the student maps the distiller adapts (widths unlike the teacher's): the
+    1x1 conv + BN adapter output in inference mode, as its MPNN sees the student; by sensing point."""
+    import tensorflow as tf
+
+    points = getattr(distiller, "adapter_points", [])
+    if not points or max(IEP_POINTS) >= len(feats):
+        return {}
+    out = distiller.adapt([tf.cast(feats[k], tf.float32) for k in IEP_POINTS], training=False)
+    return {IEP_POINTS[j]: _np(out[j]) for j in points}
+
+
 def _joint_extent(*coord_sets):
     allc = np.concatenate([c[:, :2] for c in coord_sets if c is not None], 0)
     lo, hi = allc.min(0), allc.max(0)
@@ -183,7 +195,9 @@ def make_panels(images, labels, feats, teacher_feats=None, distiller=None, point
       teacher_feats: the teacher's list, optional: the main network is then the student and is
         drawn in the teacher's frame (equal channels; else its own frame, with a note).
       distiller: an :class:`~iepkt_tf.iep.IEPDistiller` with a loaded/trained state, optional; it
-        reads the teacher (or, without one, the main network as teacher) at ``IEP_POINTS``.
+        reads the teacher (or, without one, the main network as teacher) at ``IEP_POINTS``. With a
+        teacher, student maps of another width pass through its adapters first (as in training),
+        so they are drawn in the teacher's frame too.
       reference: the previous frame's :class:`Panels` (keeps component signs stable).
       caption: text appended to every panel title (e.g. ``"EPOCH 012"``).
 
@@ -208,7 +222,7 @@ def make_panels(images, labels, feats, teacher_feats=None, distiller=None, point
     notes, out_images, coords = [], {}, {}
     cap = f" {caption}" if caption else ""
 
-    views = {}
+    views, adapted = {}, {}
     if distiller is not None:
         src = teacher_feats if teacher_feats is not None else feats
         if max(IEP_POINTS) >= len(src):
@@ -217,6 +231,7 @@ def make_panels(images, labels, feats, teacher_feats=None, distiller=None, point
         else:
             views = distiller_views(distiller, [src[k] for k in IEP_POINTS],
                                     [feats[k] for k in IEP_POINTS] if teacher_feats is not None else None)
+            adapted = _adapted_student(distiller, feats) if teacher_feats is not None else {}
     else:
         notes.append("MPNN panels (A^, messages) skipped: no distiller state given")
 
@@ -227,7 +242,11 @@ def make_panels(images, labels, feats, teacher_feats=None, distiller=None, point
             t_emb = stacked_pca_embedding(teacher_feats[k])
             flip = orientation(t_emb.P, None if ref is None else ref.get(f"{key}/teacher"))
             t_emb = dataclasses.replace(t_emb, P=t_emb.P * flip, V=t_emb.V * flip)
-            s_feat = feats[k]
+            s_feat = adapted.get(k, feats[k])
+            if k in adapted:
+                notes.append(f"{key}: student map {tuple(feats[k].shape[1:])} drawn through the "
+                             f"distiller's adapter (1x1 conv + BN, inference mode) to the teacher's "
+                             f"{int(s_feat.shape[-1])} channels")
             if int(s_feat.shape[-1]) == int(teacher_feats[k].shape[-1]) and \
                     tuple(s_feat.shape[1:3]) == tuple(teacher_feats[k].shape[1:3]):
                 m_emb = project_embedding(s_feat, t_emb)
@@ -311,7 +330,8 @@ def log_hparams(writer_dir, hparams, metrics=DEFAULT_METRICS):
     """Record a run's hyper-parameters for TensorBoard's HParams dashboard (hparams plugin API).
 
     Values that are not bool/int/float/str (e.g. None, tuples) are logged as their ``str``;
-    ``metrics`` are the scalar tags the dashboard shows next to them.
+    ``metrics`` are the scalar tags the dashboard shows next to them. ``writer_dir``: a log
+    directory or a ``tf.summary`` writer (e.g. the training loop's own).
     """
     import tensorflow as tf
     from tensorboard.plugins.hparams import api as hp
@@ -323,7 +343,8 @@ def log_hparams(writer_dir, hparams, metrics=DEFAULT_METRICS):
         if isinstance(v, np.generic):
             v = v.item()
         clean[str(k)] = v if isinstance(v, (bool, int, float, str)) else str(v)
-    writer = tf.summary.create_file_writer(os.fspath(writer_dir))
+    writer = writer_dir if hasattr(writer_dir, "as_default") else \
+        tf.summary.create_file_writer(os.fspath(writer_dir))
     with writer.as_default():
         hp.hparams_config(hparams=[hp.HParam(k, hp.Discrete([v])) for k, v in clean.items()],
                           metrics=[hp.Metric(m) for m in metrics])

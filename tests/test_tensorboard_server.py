@@ -72,8 +72,12 @@ def _poll_json(url, ok, deadline, data=None):
     return last
 
 
-def serve_and_check(logdir, images=None):
-    """Start ``tensorboard`` on ``logdir``, assert every expected tag is served, stop it."""
+def serve_and_check(logdir, images=None, scalar_tags=SCALAR_TAGS, image_tags=IMAGE_TAGS,
+                    hist_tags=HIST_TAGS, hparams=(), metrics=()):
+    """Start ``tensorboard`` on ``logdir``, assert every expected tag is served, stop it.
+
+    ``images``: the panels :func:`write_run` logged (their pixels are checked too). ``hparams`` /
+    ``metrics``: names the HParams dashboard must list (with ``images``: those of write_run)."""
     cmd = [sys.executable, "-m", "tensorboard.main", "--logdir", logdir, "--host", "127.0.0.1",
            "--port", "0", "--load_fast=false", "--reload_interval", "1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -96,22 +100,27 @@ def serve_and_check(logdir, images=None):
 
         def has(tags):
             return lambda js: all(any(t in run_tags for run_tags in js.values()) for t in tags)
-        scalars = _poll_json(base + "/data/plugin/scalars/tags", has(SCALAR_TAGS), deadline)
-        assert has(SCALAR_TAGS)(scalars), scalars
-        img_tags = _poll_json(base + "/data/plugin/images/tags", has(IMAGE_TAGS), deadline)
-        assert has(IMAGE_TAGS)(img_tags), img_tags
-        hist = _poll_json(base + "/data/plugin/histograms/tags", has(HIST_TAGS), deadline)
-        assert has(HIST_TAGS)(hist), hist
+        scalars = _poll_json(base + "/data/plugin/scalars/tags", has(scalar_tags), deadline)
+        assert has(scalar_tags)(scalars), scalars
+        img_tags = _poll_json(base + "/data/plugin/images/tags", has(image_tags), deadline)
+        assert has(image_tags)(img_tags), img_tags
+        hist = _poll_json(base + "/data/plugin/histograms/tags", has(hist_tags), deadline)
+        assert has(hist_tags)(hist), hist
         # our own run: exactly the names logged; a real run: whatever the training script logged
-        want = set(HPARAMS) if images is not None else set()
-        exp = _poll_json(base + "/data/plugin/hparams/experiment",
-                         lambda js: bool(js.get("hparamInfos")) and {h["name"] for h in js["hparamInfos"]} >= want,
-                         deadline, data=json.dumps({"experimentName": ""}).encode())
-        assert exp and exp.get("hparamInfos") and {h["name"] for h in exp["hparamInfos"]} >= want, exp
+        want = set(HPARAMS) if images is not None else set(hparams)
 
-        run = next(r for r, tags in scalars.items() if "loss/k_int" in tags)
+        def served(js):
+            return {h["name"] for h in js.get("hparamInfos", ())} >= want and \
+                {m["name"]["tag"] for m in js.get("metricInfos", ())} >= set(metrics)
+        exp = _poll_json(base + "/data/plugin/hparams/experiment",
+                         lambda js: bool(js.get("hparamInfos")) and served(js),
+                         deadline, data=json.dumps({"experimentName": ""}).encode())
+        assert exp and exp.get("hparamInfos") and served(exp), exp
+
+        tag = "loss/k_int" if "loss/k_int" in scalar_tags else scalar_tags[0]
+        run = next(r for r, tags in scalars.items() if tag in tags)
         values = json.loads(_get(base + "/data/plugin/scalars/scalars?" + urllib.parse.urlencode(
-            {"run": run, "tag": "loss/k_int"})))
+            {"run": run, "tag": tag})))
         assert len(values) >= 1 and all(np.isfinite(v[2]) for v in values)
         if images is not None:
             assert [v[1] for v in values] == [0, 1, 2]

@@ -51,6 +51,8 @@ def scalars(train_dir):
         acc = event_accumulator.EventAccumulator(path, size_guidance={"tensors": 0})
         acc.Reload()
         for tag in acc.Tags()["tensors"]:
+            if acc.SummaryMetadata(tag).plugin_data.plugin_name != "scalars":
+                continue  # the --vis_every frames (images, histograms) and the hparams
             out.setdefault(tag, []).extend(
                 (e.step, float(tf.make_ndarray(e.tensor_proto))) for e in acc.Tensors(tag))
     return out
