@@ -43,6 +43,7 @@ import types
 from absl import app, flags
 
 from dataloader.datasets import DATASETS
+from iepkt_tf.atomic import atomic_open
 
 FLAGS = flags.FLAGS
 
@@ -331,10 +332,8 @@ def _check_resume_config(cfg, path):
 
 
 def _write_json(path, data):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with atomic_open(path, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
 
 
 def _load_teacher(cfg, num_classes, image_size):
@@ -485,11 +484,8 @@ class EpochFrames:
     def _save_coords(self, epoch, coords):
         import numpy as np
 
-        os.makedirs(os.path.dirname(self.coords_path), exist_ok=True)
-        tmp = self.coords_path + ".tmp"
-        with open(tmp, "wb") as f:
+        with atomic_open(self.coords_path, "wb") as f:
             np.savez(f, epoch=np.int64(epoch), **coords)
-        os.replace(tmp, self.coords_path)
 
     def __call__(self, writer, epoch):
         """Draw and log the frame of epoch ``epoch``; returns ``(panels, snapshot path or None)``."""

@@ -8,10 +8,11 @@ matching variable names and reshaping each array to the variable's shape (lines 
 from __future__ import annotations
 
 import os
-import tempfile
 
 import numpy as np
 import scipy.io as sio
+
+from iepkt_tf.atomic import atomic_open
 
 _MAX_LISTED = 50
 
@@ -46,21 +47,8 @@ def save_mat(path, arrays) -> None:
     if bad:
         raise ValueError(f"{path}: .mat keys must be non-empty strings not starting with '_' or a digit, got {bad}")
     data = {k: np.asarray(v) for k, v in arrays.items()}
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            sio.savemat(f, data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    with atomic_open(path, "wb") as f:
+        sio.savemat(f, data)
 
 
 def _in_scope(name, scope):

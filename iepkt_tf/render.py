@@ -20,10 +20,9 @@ categorical colours, then golden-angle hues for label >= 20).
 from __future__ import annotations
 
 import colorsys
-import os
-import tempfile
-
 import numpy as np
+
+from iepkt_tf.atomic import write_bytes
 
 BACKGROUND = (250, 250, 250)
 
@@ -422,21 +421,6 @@ def heatmap_panel(mats, titles=None, order=None, labels=None, size=256, pad=12, 
 # Writers
 # --------------------------------------------------------------------------------------------------
 
-def _atomic_write(path, data):
-    """Write bytes to ``path`` via a temporary file in the same directory and os.replace."""
-    path = os.fspath(path)
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
 
 def _check_image(image, what="image"):
     image = np.asarray(image)
@@ -449,7 +433,7 @@ def write_png(path, image):
     """Encode ``image`` (uint8 [H, W, 3]) with tf.io.encode_png and write it atomically."""
     import tensorflow as tf
     image = _check_image(image)
-    _atomic_write(path, tf.io.encode_png(image).numpy())
+    write_bytes(path, tf.io.encode_png(image).numpy())
 
 
 def _pack(pixels):
@@ -605,4 +589,4 @@ def encode_gif(frames, duration_ms=500, loop=0):
 
 def write_gif(path, frames, duration_ms=500, loop=0):
     """Write an animated GIF (see :func:`encode_gif`) atomically (temp file + os.replace)."""
-    _atomic_write(path, encode_gif(frames, duration_ms, loop))
+    write_bytes(path, encode_gif(frames, duration_ms, loop))
