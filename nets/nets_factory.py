@@ -9,7 +9,8 @@ from __future__ import annotations
 import re
 
 from nets.resnet import ResNet
-from nets.wresnet import WResNet, image_hw
+from nets.base import image_hw
+from nets.wresnet import WResNet
 
 networks_map = {"WResNet": WResNet, "ResNet": ResNet}
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from nets.layers import BatchNorm, Conv2D, Dense, collect_tf1_variables
-from nets.wresnet import ceil_div, image_hw, stem_for_height
+from nets.base import SensingNetwork, ceil_div, image_hw, stem_for_height
+from nets.layers import BatchNorm, Conv2D, Dense
 
 
 class ResBlock(keras.layers.Layer):
@@ -47,7 +47,7 @@ class ResBlock(keras.layers.Layer):
         return tf.nn.relu(tf.cast(x, out.dtype) + out)
 
 
-class ResNet(keras.Model):
+class ResNet(SensingNetwork):
     """ResNet-``depth`` under TF1 scope ``scope``, with the WResNet interface.
 
     ``call(images, training=False, dropout_masks=None) -> (logits, feats)``; ``feats`` are the
@@ -87,20 +87,6 @@ class ResNet(keras.Model):
         self.full = Dense(num_classes, use_bias=True, name="full")
         self.dropout_scopes = []
 
-    def build(self, input_shape):
-        height = input_shape[1]
-        if height is None:
-            raise ValueError(f"{self.scope}: the image height must be static (the stem depends on it)")
-        kernel, stride = stem_for_height(height)
-        self.input_height = int(height)
-        self.conv0 = Conv2D(self.n_channels[0], kernel, stride, name="conv0")
-
-    def build_for(self, image_size):
-        """Create every variable by one inference call on zeros of ``image_size`` (H, W[, C])."""
-        h, w = image_hw(image_size)
-        self(tf.zeros([1, h, w, 3]), training=False)
-        return self
-
     def feature_shapes(self, image_size):
         """``[(H, W, C)]`` of the 4 feats for an input of ``image_size`` (SAME padding)."""
         h, w = image_hw(image_size)
@@ -136,11 +122,3 @@ class ResNet(keras.Model):
                     out[f"Resblock{g}/BasicBlock{i}/{sub}"] = layer
         out["full"] = self.full
         return out
-
-    def tf1_variables(self):
-        """``{TF1 name: variable}``: every trainable variable and BN moving statistic."""
-        layers = self.tf1_layers()
-        if self.conv0 is None or not all(layer.built for layer in layers.values()):
-            raise RuntimeError(f"{self.scope}: variables are created on the first call; "
-                               "call the model or build_for(image_size) first")
-        return collect_tf1_variables(layers, prefix=self.scope)

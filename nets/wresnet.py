@@ -10,35 +10,11 @@ Every variable is reported under its TF1 name (``tf1_variables()``), e.g.
 """
 from __future__ import annotations
 
-import numbers
-
 import keras
 import tensorflow as tf
 
-from nets.layers import BatchNorm, Conv2D, Dense, collect_tf1_variables
-
-
-def stem_for_height(height):
-    """(kernel, stride) of the stem ``conv0``: 3x3/1 for 32-pixel-high inputs, else 7x7/2."""
-    return (3, 1) if int(height) == 32 else (7, 2)
-
-
-def image_hw(image_size):
-    """``(H, W)`` from an int, ``(H, W)`` or ``(H, W, C)``."""
-    try:
-        if isinstance(image_size, numbers.Integral):
-            h = w = int(image_size)
-        else:
-            h, w = int(image_size[0]), int(image_size[1])
-    except (TypeError, IndexError, ValueError):
-        h = w = 0
-    if h < 1 or w < 1:
-        raise ValueError(f"image_size must be a positive int or (H, W[, C]), got {image_size!r}")
-    return h, w
-
-
-def ceil_div(a, b):
-    return -(-a // b)
+from nets.base import SensingNetwork, ceil_div, image_hw, stem_for_height
+from nets.layers import BatchNorm, Conv2D, Dense
 
 
 def dropout(x, keep_rate, mask=None):
@@ -93,7 +69,7 @@ class BasicBlock(keras.layers.Layer):
         return tf.cast(shortcut, out.dtype) + out, entry
 
 
-class WResNet(keras.Model):
+class WResNet(SensingNetwork):
     """WRN-``depth``-``widen_factor`` under TF1 scope ``scope`` (``Student`` / ``Teacher``).
 
     ``call(images, training=False, dropout_masks=None) -> (logits, feats)``: ``logits`` float32
@@ -146,20 +122,6 @@ class WResNet(keras.Model):
         self.dropout_scopes = [f"{scope}/WResblock{g}/BasicBlock{i}/Dropout"
                                for g in range(3) for i in range(self.n)]
 
-    def build(self, input_shape):
-        height = input_shape[1]
-        if height is None:
-            raise ValueError(f"{self.scope}: the image height must be static (the stem depends on it)")
-        kernel, stride = stem_for_height(height)
-        self.input_height = int(height)
-        self.conv0 = Conv2D(self.n_channels[0], kernel, stride, name="conv0")
-
-    def build_for(self, image_size):
-        """Create every variable by one inference call on zeros of ``image_size`` (H, W[, C])."""
-        h, w = image_hw(image_size)
-        self(tf.zeros([1, h, w, 3]), training=False)
-        return self
-
     def feature_shapes(self, image_size):
         """``[(H, W, C)]`` of the 4 feats for an input of ``image_size`` (SAME padding)."""
         h, w = image_hw(image_size)
@@ -210,11 +172,3 @@ class WResNet(keras.Model):
         out["bn0"] = self.bn0
         out["full"] = self.full
         return out
-
-    def tf1_variables(self):
-        """``{TF1 name: variable}``: every trainable variable and BN moving statistic."""
-        layers = self.tf1_layers()
-        if self.conv0 is None or not all(layer.built for layer in layers.values()):
-            raise RuntimeError(f"{self.scope}: variables are created on the first call; "
-                               "call the model or build_for(image_size) first")
-        return collect_tf1_variables(layers, prefix=self.scope)
