@@ -30,6 +30,7 @@ import re
 import tensorflow as tf
 
 from op_util.clipping import clip_to_reference
+from op_util.multi_grad import per_loss_gradients
 from op_util.optimizer import (add_grads, global_norm, module_l2_loss, weight_decay_grads,
                                weight_decay_loss)
 
@@ -215,13 +216,15 @@ def enabled_terms(distiller):
 
 
 def make_iep_main_step(student, teacher, distiller, optimizer, wd, loss_scale=None,
-                       jit_compile=False):
+                       jit_compile=False, grad_method="auto"):
     """Phase 2: ``step(images, labels, lr, warm, seed) -> dict`` updating the student.
 
     Metrics: ``loss`` (CE + sum of the enabled distillation losses + L2), ``cross_entropy``,
     ``k_int``/``k_alt``/``k_bb``, ``weight_decay``, ``accuracy``, ``grad_norm`` (CE),
     ``grad_norm/<k>`` and ``grad_norm/<k>_clipped`` (global norms of each distillation gradient
     before and after clipping), ``grad_norm/total`` (the applied gradient), ``warmup``.
+    ``grad_method``: how the per-loss gradients are taken (op_util.multi_grad; ``auto`` = the
+    measured faster one, separate backward passes on this CPU).
     """
     s_names, s_vars = trainable_named(student.tf1_variables())
     a_vars = list(distiller.adapter_variables())
@@ -240,11 +243,13 @@ def make_iep_main_step(student, teacher, distiller, optimizer, wd, loss_scale=No
             scaled = {k: _scaled(v, loss_scale) for k, v in dist.items()}
             scaled_ce = _scaled(ce, loss_scale)
         g_ce = _grads(tape, scaled_ce, variables, loss_scale)
+        g_dist = per_loss_gradients(tape, [scaled[k] for k in terms], variables, grad_method)
         metrics = {"cross_entropy": ce}
         clipped_all = []
-        for k in terms:
+        for k, g_k in zip(terms, g_dist):
             loss_k = dist[k]
-            g_k = _grads(tape, scaled[k], variables, loss_scale)
+            if loss_scale is not None:
+                g_k = loss_scale.unscale(g_k)
             clipped = clip_to_reference(g_k, g_ce, warm)
             clipped_all.append(clipped)
             metrics[k] = loss_k
