@@ -2,7 +2,7 @@
 
 The authors build every network and the distillation module inside ``WResNet_arg_scope``
 (WResNet.py): convolutions and fully connected layers without bias or activation and with
-tf_slim's ``variance_scaling_initializer(mode='FAN_OUT')``; batch norm with scale and centre,
+TF-Slim's ``variance_scaling_initializer(mode='FAN_OUT')``; batch norm with scale and centre,
 decay 0.9 and epsilon 1e-5. These layers reproduce that, and each one reports its variables under
 the TF1 leaf names (``weights``, ``biases``, ``gamma``, ``beta``, ``moving_mean``,
 ``moving_variance``) so a container can map them 1:1 to the authors' ``.mat`` keys.
@@ -20,7 +20,7 @@ import tensorflow as tf
 
 
 class FanOutTruncatedNormal(keras.initializers.Initializer):
-    """tf_slim ``variance_scaling_initializer(factor=2.0, mode='FAN_OUT', uniform=False)``.
+    """TF-Slim ``variance_scaling_initializer(factor=2.0, mode='FAN_OUT', uniform=False)``.
 
     A normal truncated at 2 sigma with sigma = sqrt(1.3 * 2 / fan_out); fan_out = kh*kw*out for a
     convolution and ``out`` for a fully connected layer (the 1.3 corrects the truncation).
@@ -102,7 +102,7 @@ class Dense(keras.layers.Layer):
 class BatchNorm(keras.layers.Layer):
     """``tcl.batch_norm(scale=True, center=True, decay=0.9, epsilon=1e-5)``.
 
-    Rank-4 and rank-2 inputs use the fused kernel (as tf_slim does: rank 2 is reshaped to
+    Rank-4 and rank-2 inputs use the fused kernel (as TF-Slim does: rank 2 is reshaped to
     ``[N,1,1,C]``), which normalises with the biased batch variance and feeds the **unbiased** one
     to the moving average. Other ranks (the MPNN's ``[B,B,D]`` messages) use ``tf.nn.moments`` and
     the **biased** variance for both; ``moving_variance='unbiased'|'biased'`` overrides the
