@@ -18,7 +18,8 @@ from iepkt_tf import visualize
 from iepkt_tf.mat_io import load_mat
 from tests.test_tensorboard_server import serve_and_check
 
-BASE = dict(dataset="synthetic", synthetic_image_size=16, sample_rate=0.08, batch_size=16,
+BASE = dict(precision="float32",  # the CLI redraws in float32 and must match the frames exactly
+            dataset="synthetic", synthetic_image_size=16, sample_rate=0.08, batch_size=16,
             val_batch_size=100, log_every=5, seed=0, vis_every=1, vis_images=40)
 TEACHER = dict(Distillation="None", main_scope="Teacher", teacher_arch="WResNet-10-2", train_epoch=1,
                vis_snapshots=False, **BASE)
