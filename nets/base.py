@@ -35,7 +35,7 @@ def ceil_div(a, b):
 
 class SensingNetwork(keras.Model):
     """Base of :class:`~nets.wresnet.WResNet` and :class:`~nets.resnet.ResNet`: ``call`` returns
-    ``(logits, feats)``; subclasses set ``scope``, ``n_channels`` and ``conv0 = None`` in
+    ``(logits, feats)``; subclasses set ``scope``, ``n_channels``, ``strides`` and ``conv0 = None`` in
     ``__init__`` and implement ``tf1_layers()`` (``{TF1 scope relative to scope: leaf layer}``).
     The stem is created in ``build`` because its shape depends on the input height."""
 
@@ -52,6 +52,17 @@ class SensingNetwork(keras.Model):
         h, w = image_hw(image_size)
         self(tf.zeros([1, h, w, 3]), training=False)
         return self
+
+    def feature_shapes(self, image_size):
+        """``[(H, W, C)]`` of the 4 feats for an input of ``image_size`` (SAME padding)."""
+        h, w = image_hw(image_size)
+        s = stem_for_height(h)[1]
+        h, w = ceil_div(h, s), ceil_div(w, s)
+        shapes = [(h, w, self.n_channels[0])]
+        for g in range(3):  # feats[g+1] is the output of group g (its stride applied)
+            h, w = ceil_div(h, self.strides[g]), ceil_div(w, self.strides[g])
+            shapes.append((h, w, self.n_channels[g + 1]))
+        return shapes
 
     def tf1_variables(self):
         """``{TF1 name: variable}``: every trainable variable and BN moving statistic."""

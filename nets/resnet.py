@@ -16,7 +16,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from nets.base import SensingNetwork, ceil_div, image_hw, stem_for_height
+from nets.base import SensingNetwork, stem_for_height
 from nets.layers import BatchNorm, Conv2D, Dense
 
 
@@ -86,17 +86,6 @@ class ResNet(SensingNetwork):
             self.stages.append(blocks)
         self.full = Dense(num_classes, use_bias=True, name="full")
         self.dropout_scopes = []
-
-    def feature_shapes(self, image_size):
-        """``[(H, W, C)]`` of the 4 feats for an input of ``image_size`` (SAME padding)."""
-        h, w = image_hw(image_size)
-        s = stem_for_height(h)[1]
-        h, w = ceil_div(h, s), ceil_div(w, s)
-        shapes = [(h, w, self.n_channels[0])]
-        for g in range(3):
-            h, w = ceil_div(h, self.strides[g]), ceil_div(w, self.strides[g])
-            shapes.append((h, w, self.n_channels[g + 1]))
-        return shapes
 
     def call(self, images, training=False, dropout_masks=None):
         if dropout_masks:

@@ -28,3 +28,12 @@ def fixtures_dir():
 def load_fixture(name):
     """np.load a fixture file from tests/fixtures (keys contain '/')."""
     return np.load(FIXTURES / name, allow_pickle=False)
+
+
+def assert_close(got, ref, tol, what="", atol=0.0):
+    """``max|got - ref| <= tol * max|ref| + atol`` in float64 (the fixtures README's per-array rule)."""
+    got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
+    assert got.shape == ref.shape, f"{what}: shape {got.shape} != {ref.shape}"
+    err = float(np.max(np.abs(got - ref))) if got.size else 0.0
+    bound = tol * float(np.max(np.abs(ref))) + atol if ref.size else atol
+    assert err <= bound, f"{what}: max|diff| {err:.3g} > {bound:.3g}"

@@ -1,5 +1,6 @@
 """IEPDistiller (the authors' EKI) against fixtures c/d/e (a 5-step replay from the zero state) and
 g (the whole module with the stored state), plus invariances, adapters and input errors."""
+import functools
 import json
 
 import numpy as np
@@ -7,15 +8,9 @@ import pytest
 import tensorflow as tf
 
 from iepkt_tf.iep import IEPDistiller
-from tests.conftest import load_fixture
+from tests.conftest import assert_close, load_fixture
 
-
-def _close(x, ref, tol, atol=1e-7, what=""):
-    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
-    assert x.shape == ref.shape, f"{what}: shape {x.shape} != {ref.shape}"
-    err = np.abs(x - ref).max()
-    bound = tol * np.abs(ref).max() + atol
-    assert err <= bound, f"{what}: max|diff| {err:.3g} > {bound:.3g}"
+_close = functools.partial(assert_close, atol=1e-7)
 
 
 def _inputs(f, t=None):

@@ -1,5 +1,6 @@
 """Second PCA: the incremental PCA replayed from the zero state through fixture c, its explicit
 ``initialized`` flag, the per-batch PCA ablation and the cosine graph."""
+import functools
 import json
 
 import numpy as np
@@ -9,15 +10,9 @@ import tensorflow as tf
 from iepkt_tf.incremental_pca import BatchPCA, IncrementalPCA, cosine_graph
 from iepkt_tf.plane_mapping import plane_mapping
 from iepkt_tf.stacked_pca import first_pca, project_student
-from tests.conftest import load_fixture
+from tests.conftest import assert_close, load_fixture
 
-
-def _close(x, ref, tol, atol=1e-7, what=""):
-    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
-    assert x.shape == ref.shape, f"{what}: shape {x.shape} != {ref.shape}"
-    err = np.abs(x - ref).max()
-    bound = tol * np.abs(ref).max() + atol
-    assert err <= bound, f"{what}: max|diff| {err:.3g} > {bound:.3g}"
+_close = functools.partial(assert_close, atol=1e-7)
 
 
 def test_replay_fixture_c_from_zero_state():

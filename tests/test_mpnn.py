@@ -5,20 +5,13 @@ import tensorflow as tf
 
 from iepkt_tf.kld import kld_loss
 from iepkt_tf.mpnn import MPNN, message_l1
-from tests.conftest import load_fixture
+from tests.conftest import assert_close, load_fixture
 
 FWD_TOL = 1e-4     # forward values and losses, relative to max|ref| (fixtures README)
 STATE_TOL = 1e-3   # state after an update
 
 FIX = load_fixture("d_mpnn.npz")
 MODULES = sorted(k.split("/")[0] for k in FIX.files if k.endswith("/D") and k.count("/") == 1)
-
-
-def assert_close(got, ref, tol, what):
-    got, ref = np.asarray(got), np.asarray(ref)
-    assert got.shape == ref.shape, f"{what}: shape {got.shape} != {ref.shape}"
-    err = np.max(np.abs(got - ref)) / max(float(np.max(np.abs(ref))), 1e-30)
-    assert err <= tol, f"{what}: rel err {err:.3g} > {tol}"
 
 
 def prefix(module):

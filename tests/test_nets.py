@@ -11,16 +11,13 @@ from nets import nets_factory
 from nets.resnet import ResNet
 from nets.layers import collect_tf1_variables
 from nets.wresnet import BasicBlock, WResNet
-from tests.conftest import load_fixture
+from tests.conftest import assert_close as _assert_close, load_fixture
 
 TOL = 1e-4  # |diff| <= TOL * max|ref| (fixtures README, forward values)
 
 
 def assert_close(got, ref, name):
-    got, ref = np.asarray(got, np.float32), np.asarray(ref, np.float32)
-    assert got.shape == ref.shape, f"{name}: shape {got.shape} != {ref.shape}"
-    err = np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-12)
-    assert err <= TOL, f"{name}: relative error {err:.3g}"
+    _assert_close(got, ref, TOL, name)
 
 
 def wresnet_config(names_shapes, scope):

@@ -9,15 +9,8 @@ import tensorflow as tf
 from iepkt_tf.kld import kld_loss
 from iepkt_tf.plane_mapping import plane_mapping
 from iepkt_tf.stacked_pca import branch_of, first_pca, project_student, svd_eid
-from tests.conftest import load_fixture
+from tests.conftest import assert_close, load_fixture
 
-
-def _close(x, ref, tol, atol=0.0, what=""):
-    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
-    assert x.shape == ref.shape, f"{what}: shape {x.shape} != {ref.shape}"
-    err = np.abs(x - ref).max()
-    bound = tol * np.abs(ref).max() + atol
-    assert err <= bound, f"{what}: max|diff| {err:.3g} > {bound:.3g}"
 
 
 A = load_fixture("a_svd_eid.npz")
@@ -37,17 +30,17 @@ def test_svd_eid_matches_fixture_a(case):
             s, u, v = svd_eid(x, 1, near_square_grad=mode)
             loss = tf.reduce_sum(u * A[f"{case}/gU"]) + tf.reduce_sum(v * A[f"{case}/gV"])
         dx = tape.gradient(loss, x)
-        _close(s, A[f"{case}/s"], 1e-6, what="s")
+        assert_close(s, A[f"{case}/s"], 1e-6, what="s")
         # The sign of a singular pair is the decomposition's choice: align per sample.
         sign = np.sign(np.sum(v.numpy() * A[f"{case}/V"], axis=(1, 2)))
         assert np.all(sign != 0)
-        _close(u.numpy() * sign[:, None, None], A[f"{case}/U"], 1e-4, what="U")
-        _close(v.numpy() * sign[:, None, None], A[f"{case}/V"], 1e-4, what="V")
+        assert_close(u.numpy() * sign[:, None, None], A[f"{case}/U"], 1e-4, what="U")
+        assert_close(v.numpy() * sign[:, None, None], A[f"{case}/V"], 1e-4, what="V")
         if branch == "svd" and mode == "stop":
             assert dx is None and bool(A[f"{case}/dx_is_none"])
             continue
         ref = A[f"{case}/dx_at_stop_gradient"] if branch == "svd" else A[f"{case}/dx"]
-        _close(dx.numpy().reshape(b, -1) * sign[:, None], ref.reshape(b, -1), 1e-3, what="dx")
+        assert_close(dx.numpy().reshape(b, -1) * sign[:, None], ref.reshape(b, -1), 1e-3, what="dx")
 
 
 def test_branch_of_edges():
@@ -98,11 +91,11 @@ def test_gram_gradients_against_finite_differences(hw, c):
     w_u = rng.normal(size=(2, hw))
     w_v = rng.normal(size=(2, c))
     fd = _fd_grad(x, w_u, w_v)
-    _close(_tf_grad(x, w_u, w_v, grad="exact"), fd, 1e-3, what="exact vs finite differences")
+    assert_close(_tf_grad(x, w_u, w_v, grad="exact"), fd, 1e-3, what="exact vs finite differences")
     fd_v = _fd_grad(x, np.zeros_like(w_u), w_v)
     authors = _tf_grad(x, np.zeros_like(w_u), w_v, grad="authors")
     if c <= hw:
-        _close(authors, 2.0 * fd_v, 1e-3, what="authors right_grad vs 2 x derivative")
+        assert_close(authors, 2.0 * fd_v, 1e-3, what="authors right_grad vs 2 x derivative")
     else:  # left_grad is not proportional to the derivative (documented in stacked_pca)
         assert np.abs(authors - fd_v).max() > 1e-2 * np.abs(fd_v).max()
     # dU is ignored by the authors' gradient.
@@ -117,9 +110,9 @@ def test_near_square_gradient_options():
     assert _tf_grad(x, w_u, w_v, near_square_grad="stop") is None     # the authors: stop_gradient
     true = _tf_grad(x, w_u, w_v, near_square_grad="true")
     fd = _fd_grad(x.reshape(2, 16, 16).astype(np.float64), w_u, w_v).reshape(x.shape)
-    _close(true, fd, 1e-3, what="TF SVD gradient vs finite differences")
+    assert_close(true, fd, 1e-3, what="TF SVD gradient vs finite differences")
     exact = _tf_grad(x, w_u, w_v, near_square_grad="override", grad="exact")
-    _close(exact, fd, 1e-3, what="override+exact vs finite differences")
+    assert_close(exact, fd, 1e-3, what="override+exact vs finite differences")
     with pytest.raises(ValueError, match="near_square_grad"):
         svd_eid(x, near_square_grad="sometimes")
     with pytest.raises(ValueError, match="grad"):
@@ -149,10 +142,10 @@ def test_first_pca_and_student_projection_match_fixture_c(t):
     for k in range(len(C_META["shapes"])):
         p = f"t{t}/p{k}/"
         u_t, v_t = first_pca(C[f"t{t}/in/teacher{k}"])
-        _close(u_t, C[p + "U_T"], 1e-4, what=p + "U_T")
-        _close(v_t, C[p + "V_T"], 1e-4, what=p + "V_T")
-        _close(plane_mapping(v_t[:, :, 0]), C[p + "T_plane"], 1e-4, what=p + "T_plane")
-        _close(project_student(C[f"t{t}/in/student{k}"], u_t), C[p + "V_S"], 1e-4, what=p + "V_S")
+        assert_close(u_t, C[p + "U_T"], 1e-4, what=p + "U_T")
+        assert_close(v_t, C[p + "V_T"], 1e-4, what=p + "V_T")
+        assert_close(plane_mapping(v_t[:, :, 0]), C[p + "T_plane"], 1e-4, what=p + "T_plane")
+        assert_close(project_student(C[f"t{t}/in/student{k}"], u_t), C[p + "V_S"], 1e-4, what=p + "V_S")
 
 
 def test_first_pca_sign_convention_and_invariance():
@@ -167,8 +160,8 @@ def test_first_pca_sign_convention_and_invariance():
         assert np.all(np.einsum("bh,bhc,bc->b", u.numpy()[..., 0], xs, vn) > 0)
         # x -> -x flips (u, v) -> (u, -v); the convention restores v, so u flips.
         u_neg, v_neg = first_pca(-x)
-        _close(v_neg, v, 1e-5, what="V_T(-x)")
-        _close(u_neg, -u, 1e-5, what="U_T(-x)")
+        assert_close(v_neg, v, 1e-5, what="V_T(-x)")
+        assert_close(u_neg, -u, 1e-5, what="U_T(-x)")
     with pytest.raises(ValueError, match="H\\*W"):
         project_student(tf.zeros([4, 2, 2, 24]), tf.zeros([4, 16, 1]))
 
@@ -180,13 +173,13 @@ B = load_fixture("b_plane_mapping.npz")
 def test_plane_mapping_matches_fixture_b(case):
     x = B[f"{case}/x"]
     y = plane_mapping(x).numpy()
-    _close(y, B[f"{case}/y"], 1e-4, what=case)
+    assert_close(y, B[f"{case}/y"], 1e-4, what=case)
     np.testing.assert_allclose(y.sum(1), 0.0, atol=1e-5)
     # The authors' acos form, in float64: the identity used here is exact.
     x64 = x.astype(np.float64)
     c = np.ones([1, x.shape[1]]) / np.sqrt(x.shape[1])
     ref = (x64 + c) / np.cos(np.arccos(x64 @ c.T) / 2) ** 2 - 2 * c
-    _close(y, ref, 1e-5, what=case + " vs acos form")
+    assert_close(y, ref, 1e-5, what=case + " vs acos form")
 
 
 F = load_fixture("f_kld.npz")
@@ -195,9 +188,9 @@ F = load_fixture("f_kld.npz")
 @pytest.mark.parametrize("case", sorted({k.split("/")[0] for k in F.files if k != "__meta__"}))
 def test_kld_matches_fixture_f(case):
     x, y = F[f"{case}/X"], F[f"{case}/Y"]
-    _close(kld_loss(x, y), F[f"{case}/kld"], 1e-5, what=case)
+    assert_close(kld_loss(x, y), F[f"{case}/kld"], 1e-5, what=case)
     assert abs(float(kld_loss(x, x))) <= 1e-5 * max(1.0, abs(float(F[f"{case}/kld"])))
     # Sum over rows, not a mean: two copies stacked give twice the value.
-    _close(kld_loss(np.stack([x, x]), np.stack([y, y])), 2 * F[f"{case}/kld"], 1e-5, what="sum")
+    assert_close(kld_loss(np.stack([x, x]), np.stack([y, y])), 2 * F[f"{case}/kld"], 1e-5, what="sum")
     with pytest.raises(ValueError, match="same shape"):
         kld_loss(x, y[..., :-1])
