@@ -205,6 +205,86 @@ def svd_eid(x, n=1, near_square_grad="stop", grad="authors"):
     return tf.cast(s, dtype), tf.cast(u, dtype), tf.cast(v, dtype)
 
 
+# Leading eigenvector by repeated squaring (first_pca's no-gradient path, used for the teacher).
+LEADING_MAX_SQUARINGS = 8      # A^(2^8): beyond this the batch falls back to eigh
+LEADING_DOMINANCE = 1e-5       # converged when v^T A v >= 1 - this, A = G^(2^k) / trace
+
+
+def leading_eigenvector(gram, max_squarings=LEADING_MAX_SQUARINGS, dominance=LEADING_DOMINANCE):
+    """Unit eigenvector of the largest eigenvalue of every symmetric PSD matrix in ``gram [B,n,n]``
+    (``[B,n,1]``, float32, sign arbitrary) -- what ``eigh(gram)[1][..., -1:]`` returns, cheaper.
+
+    ``A = G / tr G`` is squared (and renormalised to trace 1) until, for every sample, the
+    iterate ``v = normalize(A 1)`` carries almost all of ``A``'s trace: ``v^T A v >= 1 - dominance``
+    (A is PSD with trace 1, so this forces ``lambda_2 / lambda_1`` of ``A`` below ``dominance``
+    and ``v`` onto the top eigenvector); two more products ``v <- normalize(A v)`` then shrink the
+    remaining error by that ratio each. The start vector ``1`` suits post-ReLU feature maps, whose
+    leading vector is non-negative. Samples with ``G = 0`` get eigh's vector for a zero matrix
+    (the last unit vector). If some sample has not converged after
+    ``max_squarings`` (a near-tie of the two largest eigenvalues), the whole batch is decomposed
+    with ``tf.linalg.eigh`` instead, so the result is never less accurate than eigh's.
+    WRN-40-4's three teacher points at batch 128 (random init): 144 ms through eigh, 50 ms this
+    way (Gram products included), the vectors equal to 2e-7.
+    """
+    g = tf.cast(tf.convert_to_tensor(gram), tf.float32)
+    tr = tf.linalg.trace(g)[:, None, None]
+    empty = tr[:, 0, 0] <= 0.0
+    a0 = tf.math.divide_no_nan(g, tr)
+
+    def iterate(a):
+        v = tf.math.l2_normalize(tf.reduce_sum(a, axis=-1, keepdims=True), axis=1)   # A 1
+        rayleigh = tf.reduce_sum(v * tf.matmul(a, v), axis=[1, 2])
+        return v, tf.reduce_all((rayleigh >= 1.0 - dominance) | empty)
+
+    def cond(k, a, done):
+        return tf.logical_and(k < max_squarings, tf.logical_not(done))
+
+    def body(k, a, done):
+        a = tf.matmul(a, a)
+        a = tf.math.divide_no_nan(a, tf.linalg.trace(a)[:, None, None])
+        return k + 1, a, iterate(a)[1]
+
+    _, a, done = tf.while_loop(cond, body, (tf.constant(0), a0, iterate(a0)[1]))
+
+    def refined():
+        v = iterate(a)[0]
+        for _ in range(2):
+            v = tf.math.l2_normalize(tf.matmul(a, v), axis=1)
+        # eigh's answer for G = 0 (the identity's last column), so zero maps decompose as before.
+        last = tf.one_hot(tf.shape(g)[-1] - 1, tf.shape(g)[-1], dtype=tf.float32)[:, None]
+        return tf.where(empty[:, None, None], last[None], v)
+
+    def by_eigh():
+        return tf.linalg.eigh(g)[1][..., -1:]
+
+    return tf.cond(done, refined, by_eigh)
+
+
+def leading_singular_vectors(x):
+    """The leading left/right singular vectors ``(u [B,HW,1], v [B,C,1])`` of ``x [B,HW,C]`` the way
+    ``svd_eid(x, 1)`` computes them for the Gram branches (smaller Gram matrix, the other vector by
+    a product, ``removenan`` of ``0/0``), with :func:`leading_eigenvector` in place of eigh. No
+    gradient. For the near-square branch (a full SVD in the authors' code) it calls ``svd_eid``."""
+    x = tf.stop_gradient(_as_matrices(x, "leading_singular_vectors"))
+    dtype = x.dtype
+    _, hw, c = x.shape
+    if branch_of(hw, c) == "svd":
+        _, u, v = svd_eid(x, 1)
+        return u, v
+    x_ = tf.cast(x, tf.float32)
+    if hw < c:
+        u = leading_eigenvector(tf.matmul(x_, x_, transpose_b=True))
+        v = tf.matmul(x_, u, transpose_a=True)
+        v = _removenan(v / tf.linalg.norm(v, axis=1, keepdims=True))
+    else:
+        v = leading_eigenvector(tf.matmul(x_, x_, transpose_a=True))
+        u = tf.matmul(x_, v)
+        u = _removenan(u / tf.linalg.norm(u, axis=1, keepdims=True))
+    u = tf.math.l2_normalize(u, axis=1)
+    v = tf.math.l2_normalize(v, axis=1)
+    return tf.cast(u, dtype), tf.cast(v, dtype)
+
+
 def sign_of(v, axis=1):
     """The authors' sign convention ``sign(max v + min v)`` over ``axis`` (Distillation.py lines 38
     and 139), with ``+1`` where ``max + min == 0`` exactly (the authors' ``tf.sign`` gives 0 there
@@ -213,10 +293,17 @@ def sign_of(v, axis=1):
     return tf.where(m >= 0, tf.ones_like(m), -tf.ones_like(m))
 
 
-def first_pca(teacher_feat, near_square_grad="stop", grad="authors"):
+def first_pca(teacher_feat, near_square_grad="stop", grad="authors", differentiable=True):
     """EKI Teacher_PCA (lines 36-39): ``(U_T [B,HW,1], V_T [B,C,1])``, both multiplied by the
-    per-sample sign that makes ``max_c V_T + min_c V_T >= 0``."""
-    _, u, v = svd_eid(teacher_feat, 1, near_square_grad=near_square_grad, grad=grad)
+    per-sample sign that makes ``max_c V_T + min_c V_T >= 0``.
+
+    ``differentiable=False`` (IEP's teacher, whose gradient is never taken): the leading vectors
+    by :func:`leading_singular_vectors` instead of a full eigh; the same vectors to float
+    rounding, and no gradient (``near_square_grad``/``grad`` do not apply)."""
+    if differentiable:
+        _, u, v = svd_eid(teacher_feat, 1, near_square_grad=near_square_grad, grad=grad)
+    else:
+        u, v = leading_singular_vectors(teacher_feat)
     sign = sign_of(v, axis=1)
     return u * sign, v * sign
 

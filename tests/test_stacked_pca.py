@@ -8,7 +8,8 @@ import tensorflow as tf
 
 from iepkt_tf.kld import kld_loss
 from iepkt_tf.plane_mapping import plane_mapping
-from iepkt_tf.stacked_pca import branch_of, first_pca, project_student, svd_eid
+from iepkt_tf.stacked_pca import (branch_of, first_pca, leading_eigenvector, project_student,
+                                  svd_eid)
 from tests.conftest import assert_close, load_fixture
 
 
@@ -144,6 +145,9 @@ def test_first_pca_and_student_projection_match_fixture_c(t):
         u_t, v_t = first_pca(C[f"t{t}/in/teacher{k}"])
         assert_close(u_t, C[p + "U_T"], 1e-4, what=p + "U_T")
         assert_close(v_t, C[p + "V_T"], 1e-4, what=p + "V_T")
+        u_f, v_f = first_pca(C[f"t{t}/in/teacher{k}"], differentiable=False)   # IEP's teacher path
+        assert_close(u_f, C[p + "U_T"], 1e-4, what=p + "U_T (squaring)")
+        assert_close(v_f, C[p + "V_T"], 1e-4, what=p + "V_T (squaring)")
         assert_close(plane_mapping(v_t[:, :, 0]), C[p + "T_plane"], 1e-4, what=p + "T_plane")
         assert_close(project_student(C[f"t{t}/in/student{k}"], u_t), C[p + "V_S"], 1e-4, what=p + "V_S")
 
@@ -164,6 +168,51 @@ def test_first_pca_sign_convention_and_invariance():
         assert_close(u_neg, -u, 1e-5, what="U_T(-x)")
     with pytest.raises(ValueError, match="H\\*W"):
         project_student(tf.zeros([4, 2, 2, 24]), tf.zeros([4, 16, 1]))
+
+
+def _top_vectors_agree(got, ref, tol):
+    cos = np.abs(np.sum(np.asarray(got)[..., 0] * np.asarray(ref)[..., 0], axis=-1))
+    assert np.all(cos >= 1.0 - tol), f"min |cos| {cos.min():.9f}"
+
+
+@pytest.mark.parametrize("hw,c", [(64, 8), (4, 24), (16, 16)])
+def test_leading_eigenvector_matches_float64_eigh(hw, c):
+    """Post-ReLU Gram matrices (IEP's teacher points) and signed ones; one all-zero sample."""
+    rng = np.random.default_rng(hw + c)
+    for relu in (True, False):
+        x = rng.normal(size=(6, hw, c))
+        x = np.maximum(x, 0) if relu else x
+        x[2] = 0.0
+        g = np.einsum("bij,bik->bjk", x, x) if hw >= c else np.einsum("bij,bkj->bik", x, x)
+        v = leading_eigenvector(tf.constant(g, tf.float32)).numpy()
+        assert v.shape == (6, g.shape[1], 1) and np.all(np.isfinite(v))
+        ref = np.linalg.eigh(g)[1][..., -1:]
+        keep = [i for i in range(6) if i != 2]
+        _top_vectors_agree(v[keep], ref[keep], 1e-6)
+    # The no-gradient first PCA gives svd_eid's vectors, zero sample included.
+    x = tf.constant(np.maximum(rng.normal(size=(6, hw, c)), 0).astype(np.float32) * (np.arange(6) != 2)[:, None, None])
+    u_f, v_f = first_pca(x, differentiable=False)
+    u_e, v_e = first_pca(x)
+    assert_close(u_f, u_e, 1e-5, what="U_T"), assert_close(v_f, v_e, 1e-5, what="V_T")
+
+
+def test_leading_eigenvector_hard_cases():
+    rng = np.random.default_rng(0)
+    q, _ = np.linalg.qr(rng.normal(size=(6, 6)))
+    # The top vector orthogonal to the start vector 1: the dominance test must not accept the
+    # second vector (which is all the squaring sees at first).
+    v1 = np.array([1, -1, 0, 0, 0, 0.0]) / np.sqrt(2)
+    basis = np.linalg.qr(np.column_stack([v1, q[:, 1:]]))[0]
+    g_orth = basis @ np.diag([3.0, 2.0, 1.0, 0.5, 0.2, 0.1]) @ basis.T
+    # An exact tie of the two largest eigenvalues: no squaring separates them, so eigh decides.
+    g_tie = q @ np.diag([2.0, 2.0, 1.0, 0.5, 0.2, 0.1]) @ q.T
+    got = leading_eigenvector(tf.constant(np.stack([g_orth, g_orth]), tf.float32)).numpy()
+    _top_vectors_agree(got, np.stack([basis[:, :1]] * 2), 1e-5)
+    tie = tf.constant(np.stack([g_tie, g_orth]), tf.float32)
+    np.testing.assert_array_equal(leading_eigenvector(tie).numpy(),
+                                  tf.linalg.eigh(tie)[1][..., -1:].numpy())
+    zero = leading_eigenvector(tf.zeros([2, 5, 5])).numpy()
+    assert np.all(np.isfinite(zero))
 
 
 B = load_fixture("b_plane_mapping.npz")
