@@ -79,11 +79,25 @@ class MPNN(keras.layers.Layer):
         q = tf.nn.l2_normalize(q, -1)
         return tf.expand_dims(q, 1) * tf.expand_dims(q, 0) * tf.cast(self.D, q.dtype)
 
+    @staticmethod
+    def _pairwise_part(fc, x_b):
+        """The ``H`` rows of ``fc``'s kernel applied to ``H[v,w] = x_b[v] - x_b[w]``, computed as
+        ``p[v] - p[w]`` with ``p = x_b W_H`` (the FC is linear and bias-free): a ``[B,D]`` product
+        instead of a ``[B*B, Db+1] x [Db+1, D]`` one, and ``H`` itself is never formed."""
+        w = tf.cast(fc.kernel, fc.compute_dtype)
+        p = tf.matmul(x_b, w[:-1])
+        return tf.expand_dims(p, 1) - tf.expand_dims(p, 0), w[-1]
+
     def message(self, H, E, training, update):
-        """``Message`` (lines 89-95): gated message from ``concat(H, mean_c(E))``."""
-        h = tf.concat([H, tf.reduce_mean(E, -1, keepdims=True)], -1)
-        m = self.Mbn(self.Mfc(h), training=training, update=update)
-        g = tf.sigmoid(self.Gbn(self.Gfc(h), training=training, update=update))
+        """``Message`` (lines 89-95): gated message from ``h = concat(H, mean_c(E))``.
+
+        ``H`` is ``(HM, wM, HG, wG)`` from :meth:`_pairwise_part`: ``Mfc(h) = HM + mean_c(E) wM``
+        (the same sum as the authors' FC of the concatenation, in another order).
+        """
+        hm, wm, hg, wg = H
+        e = tf.reduce_mean(E, -1, keepdims=True)
+        m = self.Mbn(hm + e * wm, training=training, update=update)
+        g = tf.sigmoid(self.Gbn(hg + e * wg, training=training, update=update))
         return m * g
 
     def call(self, x_b, x_f, training=False):
@@ -94,7 +108,9 @@ class MPNN(keras.layers.Layer):
                              f"{x_b.shape} and {x_f.shape}")
         training = bool(training)
         E0 = self.edge(x_f, training)
-        H = tf.expand_dims(x_b, 1) - tf.expand_dims(x_b, 0)
+        if self.Mfc.use_bias or self.Gfc.use_bias:
+            raise ValueError("MPNN: Mfc/Gfc must be bias-free (the authors' arg scope)")
+        H = self._pairwise_part(self.Mfc, x_b) + self._pairwise_part(self.Gfc, x_b)
         E = E0
         messages = []
         for it in range(self.num_iter):

@@ -26,25 +26,44 @@ def grad_norm(g):
     return tf.sqrt(tf.reduce_sum(tf.square(g)))
 
 
+def _factor(norm, bound):
+    """``bound / max(norm, bound)``, 0 where both are 0 (tf.clip_by_norm's scale, NaN-free)."""
+    denom = tf.maximum(norm, bound)
+    return tf.where(denom > 0, bound / tf.where(denom > 0, denom, tf.ones_like(denom)),
+                    tf.zeros_like(denom))
+
+
+def clip_with_norms(g_dist, ce_norm, warm, unreached="warm"):
+    """``clip_by_norm(g_dist, ce_norm * warm)`` for one variable, with the norms it needed.
+
+    Returns ``(clipped, norm, clipped_norm)`` (all None when ``g_dist`` is None). ``ce_norm`` is
+    ``grad_norm(g_ce)`` of the same variable, or None where the cross-entropy does not reach it
+    (then ``unreached`` applies). The gradient is scaled once by the scalar
+    ``bound / max(||g||, bound)`` (exactly 1 when it is within the bound), so the step reads each
+    gradient twice (norm, scale) and the logged norms cost no further pass.
+    """
+    if g_dist is None:
+        return None, None, None
+    warm = tf.cast(warm, g_dist.dtype)
+    norm = grad_norm(g_dist)
+    if ce_norm is None:
+        if unreached == "warm":
+            return g_dist * warm, norm, norm * warm
+        if unreached == "drop":
+            return None, norm, None
+        raise ValueError(f"clip_by_reference: unreached must be 'warm' or 'drop', got {unreached!r}")
+    factor = _factor(norm, tf.cast(ce_norm, g_dist.dtype) * warm)
+    return g_dist * factor, norm, norm * factor
+
+
 def clip_by_reference(g_dist, g_ce, warm, unreached="warm"):
     """``clip_by_norm(g_dist, ||g_ce|| * warm)`` for one variable (None-safe).
 
-    Same arithmetic as ``tf.clip_by_norm`` (``g * bound / max(||g||, bound)``) but defined as 0
-    when both norms are 0 (where ``tf.clip_by_norm`` returns NaN).
+    ``tf.clip_by_norm``'s scale ``bound / max(||g||, bound)``, defined as 0 when both norms are 0
+    (where ``tf.clip_by_norm`` returns NaN).
     """
-    if g_dist is None:
-        return None
-    warm = tf.cast(warm, g_dist.dtype)
-    if g_ce is None:
-        if unreached == "warm":
-            return g_dist * warm
-        if unreached == "drop":
-            return None
-        raise ValueError(f"clip_by_reference: unreached must be 'warm' or 'drop', got {unreached!r}")
-    bound = grad_norm(tf.cast(g_ce, g_dist.dtype)) * warm
-    denom = tf.maximum(grad_norm(g_dist), bound)
-    safe = tf.where(denom > 0, denom, tf.ones_like(denom))
-    return tf.where(denom > 0, g_dist * bound / safe, tf.zeros_like(g_dist))
+    ce_norm = None if g_ce is None else grad_norm(g_ce)
+    return clip_with_norms(g_dist, ce_norm, warm, unreached)[0]
 
 
 def clip_to_reference(dist_grads, ce_grads, warm, unreached="warm"):

@@ -76,6 +76,15 @@ def add_grads(*grad_lists):
     return out
 
 
+def norm_of_norms(norms):
+    """``sqrt(sum n^2)`` of per-variable norms (None skipped): ``global_norm`` from norms already
+    computed, without another pass over the gradients."""
+    present = [tf.square(n) for n in norms if n is not None]
+    if not present:
+        return tf.constant(0.0)
+    return tf.sqrt(tf.add_n(present))
+
+
 def global_norm(grads):
     """sqrt(sum ||g||^2) over the non-None gradients (0 if there are none)."""
     present = [tf.reduce_sum(tf.square(g)) for g in grads if g is not None]

@@ -29,10 +29,10 @@ import re
 
 import tensorflow as tf
 
-from op_util.clipping import clip_to_reference
+from op_util.clipping import clip_with_norms, grad_norm
 from op_util.multi_grad import per_loss_gradients
-from op_util.optimizer import (add_grads, global_norm, module_l2_loss, weight_decay_grads,
-                               weight_decay_loss)
+from op_util.optimizer import (add_grads, global_norm, module_l2_loss, norm_of_norms,
+                               weight_decay_grads, weight_decay_loss)
 
 # Offsets folded into the per-step seed so each random draw has its own stream.
 _DROPOUT_STREAM = 1
@@ -245,16 +245,17 @@ def make_iep_main_step(student, teacher, distiller, optimizer, wd, loss_scale=No
         g_ce = _grads(tape, scaled_ce, variables, loss_scale)
         g_dist = per_loss_gradients(tape, [scaled[k] for k in terms], variables, grad_method)
         metrics = {"cross_entropy": ce}
+        ce_norms = [None if g is None else grad_norm(g) for g in g_ce]
         clipped_all = []
         for k, g_k in zip(terms, g_dist):
-            loss_k = dist[k]
             if loss_scale is not None:
                 g_k = loss_scale.unscale(g_k)
-            clipped = clip_to_reference(g_k, g_ce, warm)
-            clipped_all.append(clipped)
-            metrics[k] = loss_k
-            metrics["grad_norm/" + k] = global_norm(g_k)
-            metrics["grad_norm/" + k + "_clipped"] = global_norm(clipped)
+            clipped, norms, clipped_norms = zip(*[clip_with_norms(g, n, warm)
+                                                  for g, n in zip(g_k, ce_norms)])
+            clipped_all.append(list(clipped))
+            metrics[k] = dist[k]
+            metrics["grad_norm/" + k] = norm_of_norms(norms)
+            metrics["grad_norm/" + k + "_clipped"] = norm_of_norms(clipped_norms)
         del tape
         grads = add_grads(g_ce, *clipped_all, weight_decay_grads(variables, names, wd))
         applied = _apply(optimizer, grads, variables, lr, loss_scale)
@@ -265,7 +266,7 @@ def make_iep_main_step(student, teacher, distiller, optimizer, wd, loss_scale=No
         metrics.update({"loss": total, "weight_decay": l2,
                         "accuracy": correct_count(logits, labels)
                         / tf.cast(tf.shape(labels)[0], tf.float32),
-                        "grad_norm": global_norm(g_ce), "grad_norm/total": global_norm(grads),
+                        "grad_norm": norm_of_norms(ce_norms), "grad_norm/total": global_norm(grads),
                         "warmup": tf.cast(warm, tf.float32), "applied": applied})
         return metrics
 

@@ -5,8 +5,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from op_util.clipping import clip_by_reference, clip_distillation_grads, clip_to_reference
-from op_util.optimizer import (DynamicLossScale, NesterovMomentum, is_decayed, module_l2_loss,
+from op_util.clipping import (clip_by_reference, clip_distillation_grads, clip_to_reference,
+                              clip_with_norms, grad_norm)
+from op_util.optimizer import (DynamicLossScale, NesterovMomentum, global_norm, is_decayed,
+                               module_l2_loss, norm_of_norms,
                                weight_decay_grads, weight_decay_loss)
 from op_util.schedules import decay_epochs, learning_rate, warmup
 
@@ -216,6 +218,27 @@ def test_clip_distillation_grads_clips_each_loss_separately_and_sums():
     # nothing at all reaches a variable -> None
     grads, _ = clip_distillation_grads([None], [[None], [None]], warm=1.0)
     assert grads == [None]
+
+
+def test_clip_with_norms_reports_the_norms_it_used():
+    """The logged norms come from the clipping's own per-variable norms (no second pass): they
+    must be the norms of the gradients before and after clipping, and combine to global_norm."""
+    rng = np.random.default_rng(3)
+    g_d = [tf.constant(rng.normal(size=s).astype(np.float32) * m) for s, m in [((3, 3, 4, 8), 5.0),
+                                                                                ((8,), 0.01)]]
+    g_ce = [tf.constant(rng.normal(size=g.shape).astype(np.float32)) for g in g_d]
+    outs = [clip_with_norms(d, grad_norm(c), 0.5) for d, c in zip(g_d, g_ce)]
+    for (clipped, norm, clipped_norm), d, c in zip(outs, g_d, g_ce):
+        np.testing.assert_allclose(norm.numpy(), np.linalg.norm(d.numpy()), rtol=1e-6)
+        np.testing.assert_allclose(clipped_norm.numpy(), np.linalg.norm(clipped.numpy()), rtol=1e-5)
+        assert clipped_norm.numpy() <= 0.5 * np.linalg.norm(c.numpy()) * (1 + 1e-6)
+    assert np.array_equal(outs[1][0].numpy(), g_d[1].numpy())      # within the bound: unchanged
+    np.testing.assert_allclose(norm_of_norms([o[2] for o in outs] + [None]).numpy(),
+                               global_norm([o[0] for o in outs]).numpy(), rtol=1e-6)
+    clipped, norm, clipped_norm = clip_with_norms(g_d[1], None, 0.5)   # unreached: warm-scaled
+    np.testing.assert_allclose(clipped_norm.numpy(), 0.5 * norm.numpy(), rtol=1e-6)
+    assert clip_with_norms(None, grad_norm(g_ce[0]), 0.5) == (None, None, None)
+    assert float(norm_of_norms([None])) == 0.0
 
 
 # ---------------------------------------------------------------- dynamic loss scale
