@@ -26,8 +26,8 @@ import tensorflow as tf
 
 METHODS = ("separate", "pfor")
 # Measured with `python -m iepkt_tf.benchmark --grad_method separate,pfor` (interleaved steps,
-# quiet 2-core AVX512-BF16 CPU, TF 2.21, WRN-40-4 -> WRN-16-4, batch 128, median of 3): the whole
-# IEP main step takes 6.14 s separate vs 6.44 s pfor in float32 and 3.84 s vs 4.01 s in
+# quiet 2-core AVX512-BF16 CPU, TF 2.21, WRN-40-4 -> WRN-16-4, batch 128, median of 8): the whole
+# IEP main step takes 5.88 s separate vs 6.15 s pfor in float32 and 3.58 s vs 3.77 s in
 # mixed_bfloat16. pfor's batched filter gradients are cheaper, but the transposes it puts around
 # every batch-norm gradient (it folds the loss axis into the channels) and the stacked
 # element-wise backward ops cost more.

@@ -66,11 +66,16 @@ def test_cli_json_has_every_part_with_positive_timings(tiny_run):
         assert part["images_per_s"] == pytest.approx(8 / part["median_s"])
         assert part["gflop"] > 0 and part["gflop_per_s"] == pytest.approx(
             part["gflop"] / part["median_s"])
-        assert part["flop_count_exact"], name
+        # Only the teacher's leading-vector squaring loops (one per sensing point) are uncounted.
+        gaps = part["flop_count_gaps"]
+        assert gaps["unknown_shape_ops"] == 0 and gaps["unresolved_functions"] == 0, name
+        assert gaps["while_loops"] == (3 if name in ("main", "init") else 0), name
+        assert part["flop_count_exact"] == (gaps["while_loops"] == 0), name
         assert name in report
     med = {p: data["parts"][p]["median_s"] for p in data["parts"]}
     assert data["main_over_floor"] == pytest.approx(med["main"] / med["floor"])
     assert data["init_over_floor"] == pytest.approx(med["init"] / med["floor"])
+    assert data["bare_over_floor"] == pytest.approx(med["bare"] / med["floor"])
     assert "main_over_floor" in report and "init_over_floor" in report
     assert all(v == 1 for v in data["tracing_count"].values())
     mem = data["memory"]
@@ -94,6 +99,11 @@ def test_cli_flop_counts_match_the_analytic_count(tiny_run):
     student_bwd = data["parts"]["student"]["gflop_by_type"]
     assert by_type["Conv2DBackpropFilter"] == pytest.approx(4 * student_bwd["Conv2DBackpropFilter"])
     assert by_type["Conv2DBackpropInput"] == pytest.approx(4 * student_bwd["Conv2DBackpropInput"])
+    # bare: the same network work (4 backward passes), no distiller matmuls
+    bare = data["parts"]["bare"]["gflop_by_type"]
+    for op in ("Conv2D", "Conv2DBackpropFilter", "Conv2DBackpropInput"):
+        assert bare[op] == pytest.approx(by_type[op]), op
+    assert data["parts"]["bare"]["gflop"] < data["parts"]["main"]["gflop"]
 
 
 def test_cli_reports_the_settings_in_effect(tiny_run):
