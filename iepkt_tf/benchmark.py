@@ -7,10 +7,10 @@ student    student-only training (``make_plain_step``: forward, cross-entropy ba
 floor      teacher forward in inference mode + student training (the floor of any distillation)
 main       IEP main-phase step (``make_iep_main_step``: teacher forward, student forward, four
            student backward passes (cross-entropy and each separately clipped distillation loss)
-bare       the main step with a free distiller: the same forwards, four backward passes, clipping
-           and update, but the three distillation losses replaced by stand-ins linear in the
-           student's sensing-point maps (no PCA, MPNN or heads) -- what ``main`` costs the
-           networks alone, so ``main - bare`` is the distiller's share
+bare       ``make_iep_main_step`` with a free distiller: the same step code (forwards, four
+           backward passes, clipping, update), the three distillation losses replaced by
+           stand-ins linear in the student's sensing-point maps (no PCA, MPNN or heads) -- what
+           ``main`` costs the networks alone, so ``main - bare`` is the distiller's share
 init       IEP initial-phase step (``make_iep_init_step``: teacher forward, module training,
            incremental-PCA update)
 infer      student inference (``make_eval_step``)
@@ -59,8 +59,7 @@ from nets.nets_factory import DEFAULT_ARCH, get_network, parse_arch
 from op_util import train_steps as ts
 from op_util.device import cpu_flags, cpu_has_bf16, default_jit, default_precision
 from op_util.multi_grad import DEFAULT_METHOD
-from op_util.clipping import clip_with_norms, grad_norm
-from op_util.optimizer import DynamicLossScale, NesterovMomentum, add_grads, weight_decay_grads
+from op_util.optimizer import DynamicLossScale, NesterovMomentum
 
 PARTS = ("student", "floor", "main", "bare", "init", "infer")
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
@@ -266,34 +265,23 @@ def _make_floor_step(teacher, plain_step, jit_compile):
     return tf.function(step, reduce_retracing=True, jit_compile=bool(jit_compile))
 
 
-def _make_bare_main_step(student, teacher, optimizer, wd, loss_scale, jit_compile):
-    """Part ``bare``: ``make_iep_main_step``'s network work with the distiller's losses replaced
-    by ``L_k = sum_l mean(S_l) * (k + 1) * mean(T_l)`` over the sensing points ``l`` (one
-    backward pass each through the student, clipped per variable against the CE gradient)."""
-    names, variables = ts.trainable_named(student.tf1_variables())
+class _FreeDistiller:
+    """Part ``bare``: stands in for ``IEPDistiller`` in ``make_iep_main_step`` (the same step code),
+    with ``k_alt, k_int, k_bb = sum_l mean(S_l) * (k + 1) * mean(T_l)`` over the sensing points:
+    each still takes its own backward pass through the student, but no PCA, MPNN or heads."""
 
-    def step(images, labels, lr, warm, seed):
-        _, t_feats = teacher(images, training=False)
-        t_means = [tf.stop_gradient(tf.reduce_mean(tf.cast(f, tf.float32))) for f in t_feats[1:4]]
-        with tf.GradientTape(persistent=True) as tape:
-            logits, s_feats = ts.forward(student, images, True, seed)
-            ce = ts.cross_entropy(logits, labels)
-            s_means = [tf.reduce_mean(tf.cast(f, tf.float32)) for f in s_feats[1:4]]
-            losses = [tf.add_n([s * (k + 1.0) * t for s, t in zip(s_means, t_means)])
-                      for k in range(3)]
-            scaled = [ts._scaled(x, loss_scale) for x in [ce] + losses]
-        g_ce = ts._grads(tape, scaled[0], variables, loss_scale)
-        ce_norms = [None if g is None else grad_norm(g) for g in g_ce]
-        clipped_all = []
-        for loss in scaled[1:]:
-            g_k = ts._grads(tape, loss, variables, loss_scale)
-            clipped_all.append([clip_with_norms(g, n, warm)[0] for g, n in zip(g_k, ce_norms)])
-        del tape
-        grads = add_grads(g_ce, *clipped_all, weight_decay_grads(variables, names, wd))
-        applied = ts._apply(optimizer, grads, variables, lr, loss_scale)
-        return {"loss": ce + tf.add_n(losses), "applied": applied}
+    use_k_alt = use_k_int = use_k_bb = True
 
-    return tf.function(step, reduce_retracing=True, jit_compile=bool(jit_compile))
+    @staticmethod
+    def adapter_variables():
+        return []
+
+    @staticmethod
+    def distill_losses(student_feats, teacher_feats):
+        s = [tf.reduce_mean(tf.cast(f, tf.float32)) for f in student_feats]
+        t = [tf.reduce_mean(tf.cast(f, tf.float32)) for f in teacher_feats]
+        return {k: tf.add_n([a * (i + 1.0) * b for a, b in zip(s, t)])
+                for i, k in enumerate(("k_alt", "k_int", "k_bb"))}
 
 
 def _make_forward_fn(model):
@@ -377,7 +365,9 @@ def build_parts(cfg):
             steps["main" if i == 0 else f"main[{method}]"] = (
                 fn, lambda r: (images, labels, lr, warm, seed_of(r)))
     if "bare" in parts:
-        fn = _make_bare_main_step(student, teacher, optimizer, wd, loss_scale, jit_iep)
+        fn = ts.make_iep_main_step(student, teacher, _FreeDistiller(), optimizer, wd,
+                                   loss_scale=loss_scale, jit_compile=jit_iep,
+                                   **_main_step_kwargs(ts.make_iep_main_step, "separate"))
         steps["bare"] = (fn, lambda r: (images, labels, lr, warm, seed_of(r)))
     if "init" in parts:
         steps["init"] = (init, lambda r: (images, labels, lr, seed_of(r)))
