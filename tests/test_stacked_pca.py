@@ -193,7 +193,8 @@ def test_leading_eigenvector_matches_float64_eigh(hw, c):
     x = tf.constant(np.maximum(rng.normal(size=(6, hw, c)), 0).astype(np.float32) * (np.arange(6) != 2)[:, None, None])
     u_f, v_f = first_pca(x, differentiable=False)
     u_e, v_e = first_pca(x)
-    assert_close(u_f, u_e, 1e-5, what="U_T"), assert_close(v_f, v_e, 1e-5, what="V_T")
+    assert_close(u_f, u_e, 1e-5, what="U_T")
+    assert_close(v_f, v_e, 1e-5, what="V_T")
 
 
 def test_leading_eigenvector_hard_cases():
