@@ -47,7 +47,7 @@ from iepkt_tf.atomic import atomic_open
 
 FLAGS = flags.FLAGS
 
-DISTILLATIONS = ("None", "IEP")
+DISTILLATIONS = ("None", "KD", "IEP")
 MODEL_NAMES = ("WResNet", "ResNet")
 SCOPES = ("Student", "Teacher")
 
@@ -57,11 +57,12 @@ FLAG_SPECS = (
      "Directory where checkpoints (ckpt/), TensorBoard event logs, train_params.mat and log.mat "
      "are written."),
     ("enum", "Distillation", "IEP",
-     "Distillation method: 'None' trains --main_scope's network on cross-entropy; 'IEP' trains "
-     "the student with interpretable embedding procedure knowledge transfer from the teacher in "
-     "--teacher_params.", DISTILLATIONS),
+     "Distillation method: 'None' trains --main_scope's network on cross-entropy; 'KD' trains the "
+     "student on soft logits of the teacher in --teacher_params (Hinton et al. 2015, the control); "
+     "'IEP' trains the student with interpretable embedding procedure knowledge transfer from the "
+     "teacher in --teacher_params.", DISTILLATIONS),
     ("enum", "dataset", "cifar100",
-     "Dataset: 'synthetic' is generated (no files needed); the others are read from --data_dir "
+     "Dataset: 'synthetic' and 'synthetic_parts' are generated (no files needed); the others are read from --data_dir "
      "(see dataloader/datasets.py for the layouts).", tuple(DATASETS)),
     ("enum", "model_name", "WResNet",
      "Network family of the main network. WResNet defaults to WResNet-16-4 (Student) and "
@@ -77,7 +78,7 @@ FLAG_SPECS = (
      "WResNet). With IEP it must match --teacher_params."),
     ("string", "teacher_params", None,
      "Teacher parameters: a .mat written by this script with --main_scope Teacher (or the "
-     "authors' train_params.mat). Required with --Distillation IEP."),
+     "authors' train_params.mat). Required with --Distillation KD and IEP."),
     ("string", "data_dir", None, "Directory holding the dataset files (not used by synthetic)."),
     ("float", "sample_rate", 1.0,
      "Fraction of the training set used, class-balanced (the paper's 1.0/0.5/0.25/0.1); the test "
@@ -103,12 +104,25 @@ FLAG_SPECS = (
      "Stop (as if interrupted) after this many epochs of this invocation, keeping the checkpoint; "
      "continue later with --resume. 0 = run to the end."),
     ("integer", "mpnn_iter", 2, "Message-passing iterations of the IEP module (paper ablation 1-4)."),
+    ("float", "kd_temperature", 4.0, "KD: softmax temperature T (the soft term is scaled by T^2)."),
+    ("float", "kd_weight", 0.9, "KD: weight alpha of the soft term; the cross-entropy gets 1 - alpha."),
     ("boolean", "k_int", True, "Use the interim-knowledge loss K_int (MPNN read-out KL)."),
     ("boolean", "k_alt", True, "Use the alteration-knowledge loss K_alt (message L1)."),
     ("boolean", "k_bb", True, "Use the black-box (multi-head graph) loss K_BB."),
     ("enum", "pca", "ipca",
      "Second PCA of the stacked PCA: 'ipca' incremental PCA (the authors') or 'pca' plain "
      "per-batch PCA (the paper's ablation).", ("ipca", "pca")),
+    ("enum", "adapter", "bn_relu",
+     "IEP with a student of other widths than the teacher: the learned adapter at each such "
+     "sensing point. bn_relu = 1x1 conv + BN + ReLU (non-negative like the teacher's post-ReLU "
+     "map); bn = 1x1 conv + BN (signed). Beyond the authors' code (equal widths only).",
+     ("bn_relu", "bn")),
+    ("enum", "dist_clip", "separate",
+     "IEP main phase: separate = the gradients of K_int, K_alt and K_BB are clipped one by one, per "
+     "variable, to the cross-entropy gradient's norm x warm-up (our reconstruction of the "
+     "unpublished Optimizer_w_IEP); summed = the gradient of their sum is clipped once (as "
+     "Optimizer_w_MHGD does its one loss; one distillation backward pass instead of three).",
+     ("separate", "summed")),
     ("enum", "precision", "auto",
      "Keras dtype policy. auto = mixed_float16 on GPU (with a dynamic loss scale); on CPU "
      "mixed_bfloat16 where the CPU has native bfloat16 (AVX512-BF16/AMX: 1.6-1.7x faster here, "
@@ -136,10 +150,13 @@ FLAG_SPECS = (
      "IEP; about the size of train_params.mat) to TRAIN_DIR/vis/params_epoch_XXX.mat, for GIFs "
      "with `python -m iepkt_tf.visualize --run_dir TRAIN_DIR`."),
     ("integer", "keep_checkpoints", 2, "Number of per-epoch checkpoints kept in --train_dir/ckpt."),
-    ("integer", "synthetic_classes", 10, "synthetic dataset: number of classes."),
-    ("integer", "synthetic_train_per_class", 200, "synthetic dataset: training images per class."),
-    ("integer", "synthetic_test_per_class", 50, "synthetic dataset: test images per class."),
-    ("integer", "synthetic_image_size", 32, "synthetic dataset: image height and width."),
+    ("integer", "synthetic_classes", None,
+     "Generated datasets: number of classes (default synthetic 10, synthetic_parts 40)."),
+    ("integer", "synthetic_train_per_class", None,
+     "Generated datasets: training images per class (default synthetic 200, synthetic_parts 125)."),
+    ("integer", "synthetic_test_per_class", None,
+     "Generated datasets: test images per class (default synthetic 50, synthetic_parts 50)."),
+    ("integer", "synthetic_image_size", None, "Generated datasets: image height and width (default 32)."),
 )
 FLAG_NAMES = tuple(spec[1] for spec in FLAG_SPECS)
 FLAG_DEFAULTS = {spec[1]: spec[2] for spec in FLAG_SPECS}
@@ -162,11 +179,11 @@ def define_flags(flag_values=None):
 # Settings that must not change when a run is resumed (they define the run's state and data).
 RESUME_KEYS = ("Distillation", "dataset", "main_scope", "student_arch", "teacher_arch",
                "sample_rate", "batch_size", "seed", "init_epoch", "train_epoch", "mpnn_iter", "k_int", "k_alt",
-               "k_bb", "pca", "synthetic_classes", "synthetic_train_per_class",
+               "k_bb", "pca", "adapter", "dist_clip", "kd_temperature", "kd_weight", "synthetic_classes", "synthetic_train_per_class",
                "synthetic_test_per_class", "synthetic_image_size")
 
 # Metrics checked for non-finite values, in the order used to name the culprit.
-LOSS_TERMS = ("cross_entropy", "k_int", "k_alt", "k_bb", "mpnn_kld", "est_loss", "mha_loss",
+LOSS_TERMS = ("cross_entropy", "kd", "k_int", "k_alt", "k_bb", "mpnn_kld", "est_loss", "mha_loss",
               "module_l2", "weight_decay", "module_total", "loss")
 
 
@@ -223,6 +240,7 @@ def resolve_config(cfg):
     if not cfg.train_dir:
         raise ConfigError("--train_dir must be a directory path")
     iep = cfg.Distillation == "IEP"
+    distill = cfg.Distillation != "None"
     if cfg.init_epoch is None:
         cfg.init_epoch = 20 if iep else 0
     _at_least(cfg, "init_epoch", 0)
@@ -240,7 +258,8 @@ def resolve_config(cfg):
     _at_least(cfg, "vis_images", 3)
     for name in ("synthetic_classes", "synthetic_train_per_class", "synthetic_test_per_class",
                  "synthetic_image_size"):
-        _at_least(cfg, name, 1 if name != "synthetic_classes" else 2)
+        if getattr(cfg, name) is not None:
+            _at_least(cfg, name, 1 if name != "synthetic_classes" else 2)
     if not (isinstance(cfg.learning_rate, (int, float)) and cfg.learning_rate > 0
             and math.isfinite(cfg.learning_rate)):
         raise ConfigError(f"--learning_rate must be a positive number, got {cfg.learning_rate!r}")
@@ -255,7 +274,7 @@ def resolve_config(cfg):
         arch = getattr(cfg, flag)
         if arch is None:
             if cfg.model_name != "WResNet":
-                if scope == cfg.main_scope or iep:
+                if scope == cfg.main_scope or distill:
                     raise ConfigError(f"--{flag} is required with --model_name {cfg.model_name} "
                                       f"(e.g. ResNet-20 for a student, ResNet-56 for a teacher)")
                 continue
@@ -269,13 +288,20 @@ def resolve_config(cfg):
                               f"{cfg.model_name}")
         setattr(cfg, flag, arch)
 
-    if iep:
+    if distill:
         if cfg.main_scope != "Student":
-            raise ConfigError("--main_scope must be Student with --Distillation IEP (the teacher is "
-                              "loaded from --teacher_params and stays fixed)")
+            raise ConfigError(f"--main_scope must be Student with --Distillation {cfg.Distillation} "
+                              "(the teacher is loaded from --teacher_params and stays fixed)")
         if not cfg.teacher_params:
-            raise ConfigError("--teacher_params is required with --Distillation IEP: a .mat written "
-                              "by a run with --main_scope Teacher (or the authors' train_params.mat)")
+            raise ConfigError(f"--teacher_params is required with --Distillation {cfg.Distillation}: "
+                              "a .mat written by a run with --main_scope Teacher (or the authors' "
+                              "train_params.mat)")
+    if cfg.Distillation == "KD":
+        if not (isinstance(cfg.kd_temperature, (int, float)) and cfg.kd_temperature > 0):
+            raise ConfigError(f"--kd_temperature must be > 0, got {cfg.kd_temperature!r}")
+        if not (isinstance(cfg.kd_weight, (int, float)) and 0 <= cfg.kd_weight <= 1):
+            raise ConfigError(f"--kd_weight must be in [0, 1], got {cfg.kd_weight!r}")
+    if iep:
         if not (cfg.k_int or cfg.k_alt or cfg.k_bb):
             raise ConfigError("--Distillation IEP needs at least one of --k_int, --k_alt, --k_bb")
 
@@ -342,6 +368,8 @@ def _write_json(path, data):
 
 
 def _load_teacher(cfg, num_classes, image_size):
+    import numpy as np
+
     from iepkt_tf.mat_io import assign_params, load_mat
     from nets.nets_factory import get_network
 
@@ -352,6 +380,11 @@ def _load_teacher(cfg, num_classes, image_size):
         raise ConfigError(f"--teacher_params {cfg.teacher_params}: no parameters under scope "
                           f"'Teacher' (found scopes {scopes}); train the teacher with "
                           f"--main_scope Teacher")
+    bad = sorted(k for k, v in arrays.items() if k.startswith("Teacher/")
+                 and np.issubdtype(v.dtype, np.number) and not np.all(np.isfinite(v)))
+    if bad:
+        raise ConfigError(f"--teacher_params {cfg.teacher_params}: non-finite values in {len(bad)} "
+                          f"parameter(s), e.g. {bad[0]}; a teacher that cannot teach")
     n = assign_params(teacher.tf1_variables(), arrays, scope="Teacher", strict=True,
                       what=f"--teacher_params {cfg.teacher_params} (--teacher_arch {cfg.teacher_arch})")
     print(f"{n} Teacher params assigned", flush=True)
@@ -527,7 +560,7 @@ def _run(cfg, epoch_hook):
     from op_util.optimizer import DynamicLossScale, NesterovMomentum
     from op_util.schedules import learning_rate, warmup
     from op_util.train_steps import (make_eval_step, make_iep_init_step, make_iep_main_step,
-                                     make_plain_step, step_seed)
+                                     make_kd_step, make_plain_step, step_seed)
 
     iep = cfg.Distillation == "IEP"
     train_dir = cfg.train_dir
@@ -544,9 +577,10 @@ def _run(cfg, epoch_hook):
 
     # ---- data
     kwargs = {}
-    if cfg.dataset == "synthetic":
+    if cfg.dataset.startswith("synthetic"):
         kwargs = dict(num_classes=cfg.synthetic_classes, train_per_class=cfg.synthetic_train_per_class,
                       test_per_class=cfg.synthetic_test_per_class, image_size=cfg.synthetic_image_size)
+        kwargs = {k: v for k, v in kwargs.items() if v is not None}
     data = load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed, **kwargs)
     try:
         idx = subsample(data.train_labels, cfg.sample_rate, cfg.seed)
@@ -568,15 +602,17 @@ def _run(cfg, epoch_hook):
     except ValueError as e:
         raise ConfigError(f"--{cfg.main_scope.lower()}_arch {cfg.main_arch}: {e}") from None
     teacher = distiller = None
+    if cfg.Distillation != "None":
+        teacher = _load_teacher(cfg, data.num_classes, image_size)
     if iep:
         from iepkt_tf.iep import IEPDistiller
 
-        teacher = _load_teacher(cfg, data.num_classes, image_size)
         try:
             distiller = IEPDistiller(teacher.feature_channels[1:4], network.feature_channels[1:4],
                                      mpnn_iter=cfg.mpnn_iter,
                                      pca={"ipca": "ipca", "pca": "batch"}[cfg.pca],
-                                     use_k_int=cfg.k_int, use_k_alt=cfg.k_alt, use_k_bb=cfg.k_bb)
+                                     use_k_int=cfg.k_int, use_k_alt=cfg.k_alt, use_k_bb=cfg.k_bb,
+                                     adapter=cfg.adapter)
         except ValueError as e:
             raise ConfigError(f"--student_arch {cfg.student_arch} / --teacher_arch "
                               f"{cfg.teacher_arch}: {e}") from None
@@ -588,7 +624,13 @@ def _run(cfg, epoch_hook):
         init_step = make_iep_init_step(teacher, distiller, optimizer, wd_module=cfg.weight_decay,
                                        loss_scale=loss_scale, jit_compile=cfg.jit_iep)
         main_step = make_iep_main_step(network, teacher, distiller, optimizer, cfg.weight_decay,
-                                       loss_scale=loss_scale, jit_compile=cfg.jit_iep)
+                                       loss_scale=loss_scale, jit_compile=cfg.jit_iep,
+                                       clip=cfg.dist_clip)
+    elif cfg.Distillation == "KD":
+        init_step = None
+        main_step = make_kd_step(network, teacher, optimizer, cfg.weight_decay,
+                                 temperature=float(cfg.kd_temperature), alpha=float(cfg.kd_weight),
+                                 loss_scale=loss_scale, jit_compile=cfg.jit_plain)
     else:
         init_step = None
         main_step = make_plain_step(network, optimizer, cfg.weight_decay, loss_scale=loss_scale,
@@ -733,7 +775,7 @@ def _run(cfg, epoch_hook):
               f"{train_dir} --out_dir OUT --dataset {cfg.dataset} --split test --num_images "
               f"{cfg.vis_images} --seed {cfg.seed} --size {VIS_PANEL['size']} --thumb {VIS_PANEL['thumb']}"
               + (f" --data_dir {cfg.data_dir}" if cfg.data_dir else "")
-              + (f" --image_size {cfg.synthetic_image_size}" if cfg.dataset == "synthetic" else "")
+              + (f" --image_size {cfg.synthetic_image_size}" if cfg.synthetic_image_size else "")
               + (f" --teacher_params {cfg.teacher_params} --mpnn_iter {cfg.mpnn_iter}" if iep else "")
               + ")", flush=True)
     return {"stopped": False, "train_dir": train_dir, "train_params": params_path, "log": log_path,
@@ -745,11 +787,11 @@ def main(argv):
         print(f"train_w_distill.py: error: unexpected arguments {argv[1:]}", file=sys.stderr)
         return 2
     from dataloader.datasets import DatasetNotFoundError
-    from iepkt_tf.mat_io import ParamsMismatchError
+    from iepkt_tf.mat_io import MatFileError, ParamsMismatchError
 
     try:
         run(config_from_flags())
-    except (ConfigError, ParamsMismatchError) as e:
+    except (ConfigError, ParamsMismatchError, MatFileError) as e:
         print(f"train_w_distill.py: error: {e}", file=sys.stderr)
         return 2
     except (DatasetNotFoundError, FileNotFoundError) as e:

@@ -23,8 +23,8 @@ Two phases, as in the authors' training script:
   (``kld(tanh G_S, tanh G_T)``), summed over modules.
 
 Beyond the authors' code: a student whose channels differ from the teacher's at a point goes
-through a learned 1x1 conv + batch-norm adapter (``Distillation/Adapter{k}/{conv,bn}``, trained with
-the student; the authors assume equal channels, SPEC "Where the authors' code stops"), and
+through a learned 1x1 conv + batch-norm (+ ReLU by default) adapter
+(``Distillation/Adapter{k}/{conv,bn}``, trained with the student; the authors assume equal channels, SPEC "Where the authors' code stops"), and
 ``pca="batch"`` selects the paper's plain per-batch PCA ablation.
 
 Non-finite input feature maps or losses raise ``tf.errors.InvalidArgumentError`` naming the map or
@@ -44,6 +44,10 @@ from iepkt_tf.stacked_pca import first_pca, project_student
 from nets.layers import BatchNorm, Conv2D, collect_tf1_variables
 
 PCA_KINDS = {"ipca": IncrementalPCA, "batch": BatchPCA}
+# Student-side adapters (where the student's width differs from the teacher's): what follows the
+# 1x1 conv + BN. The sensing points are post-ReLU maps, so "bn_relu" keeps the adapted student
+# map where the teacher's lives; "bn" is the signed adapter of the first releases.
+ADAPTERS = {"bn_relu": tf.nn.relu, "bn": tf.identity}
 
 
 class IEPDistiller(keras.layers.Layer):
@@ -60,10 +64,14 @@ class IEPDistiller(keras.layers.Layer):
       use_k_int, use_k_alt, use_k_bb: which terms :meth:`distill_losses` computes; a switched-off
         term is omitted from its dict (and not computed). The module itself is always built and
         trained whole, as in the authors' code.
+      adapter: ``"bn_relu"`` (1x1 conv + BN + ReLU: the adapted map is non-negative like the
+        teacher's post-ReLU sensing point, so it lands in the teacher's PCA frame) or ``"bn"``
+        (1x1 conv + BN, signed); see :data:`ADAPTERS`. Unused when the channels match.
     """
 
     def __init__(self, teacher_channels, student_channels=None, mpnn_iter=2, num_head=8, pca="ipca",
-                 use_k_int=True, use_k_alt=True, use_k_bb=True, name="Distillation", **kwargs):
+                 use_k_int=True, use_k_alt=True, use_k_bb=True, adapter="bn_relu", name="Distillation",
+                 **kwargs):
         kwargs.setdefault("autocast", False)
         kwargs.setdefault("dtype", "float32")
         super().__init__(name=name, **kwargs)
@@ -79,6 +87,9 @@ class IEPDistiller(keras.layers.Layer):
                              f"per teacher point {self.teacher_channels}")
         if pca not in PCA_KINDS:
             raise ValueError(f"IEPDistiller: pca must be one of {sorted(PCA_KINDS)}, got {pca!r}")
+        if adapter not in ADAPTERS:
+            raise ValueError(f"IEPDistiller: adapter must be one of {sorted(ADAPTERS)}, got {adapter!r}")
+        self.adapter = adapter
         if int(num_head) < 2:
             raise ValueError(f"IEPDistiller: num_head counts the extrinsic head too and must be >= 2, "
                              f"got {num_head}")
@@ -287,7 +298,7 @@ class IEPDistiller(keras.layers.Layer):
         """The student maps after the adapters (identity where channels already match)."""
         out = list(student_feats)
         for k, conv, bn in zip(self.adapter_points, self.adapter_convs, self.adapter_bns):
-            out[k] = bn(conv(out[k]), training=training)
+            out[k] = ADAPTERS[self.adapter](bn(conv(out[k]), training=training))
         return out
 
     def distill_losses(self, student_feats, teacher_feats, training_adapter=True, details=False):
@@ -355,6 +366,7 @@ class IEPDistiller(keras.layers.Layer):
         cfg = super().get_config()
         cfg.update(teacher_channels=self.teacher_channels, student_channels=self.student_channels,
                    mpnn_iter=self.mpnn_iter, num_head=self.num_head, pca=self.pca_kind,
-                   use_k_int=self.use_k_int, use_k_alt=self.use_k_alt, use_k_bb=self.use_k_bb)
+                   use_k_int=self.use_k_int, use_k_alt=self.use_k_alt, use_k_bb=self.use_k_bb,
+                   adapter=self.adapter)
         return cfg
 

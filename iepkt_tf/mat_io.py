@@ -21,6 +21,10 @@ class ParamsMismatchError(ValueError):
     """A parameter file does not match the network's variables (names or shapes)."""
 
 
+class MatFileError(ValueError):
+    """A file is not a readable .mat file (truncated, another format)."""
+
+
 def _desc(what, path=None):
     return f"{what} {path}" if what and path else str(what or path)
 
@@ -35,7 +39,8 @@ def load_mat(path, what=None) -> dict[str, np.ndarray]:
     try:
         raw = sio.loadmat(path)
     except Exception as e:  # scipy raises several types for corrupt or non-MAT files
-        raise ValueError(f"{_desc(what, path)}: not a readable MATLAB .mat file ({type(e).__name__}: {e})") from e
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise MatFileError(f"{_desc(what, path)}: not a readable MATLAB .mat file ({reason})") from None
     return {k: np.asarray(v) for k, v in raw.items() if not k.startswith("__")}
 
 

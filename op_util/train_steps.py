@@ -21,6 +21,8 @@ reproduce an uninterrupted run exactly.
   frozen; gradients of the cross-entropy and of each distillation loss taken separately, each
   distillation gradient clipped per variable to ``||g_ce|| * warm-up`` (op_util.clipping), weight
   decay added, Nesterov update of the student (and the student-side adapters, if any).
+* ``make_kd_step``: ``Distillation KD`` (Hinton et al. 2015): teacher forward (inference), student
+  on ``(1 - alpha) CE + alpha T^2 KL`` (+ L2), Nesterov momentum.
 * ``make_eval_step``: inference forward -> (correct count, summed cross-entropy).
 """
 from __future__ import annotations
@@ -143,6 +145,38 @@ def make_plain_step(model, optimizer, wd, loss_scale=None, jit_compile=False):
     return _function(step, jit_compile)
 
 
+def make_kd_step(student, teacher, optimizer, wd, temperature=4.0, alpha=0.9, loss_scale=None,
+                 jit_compile=False):
+    """``Distillation KD``: ``step(images, labels, lr, seed) -> dict`` training the student on
+    ``(1 - alpha) * CE + alpha * kd_loss`` (:mod:`iepkt_tf.kd`) with the teacher in inference mode.
+
+    Metrics as :func:`make_plain_step` plus ``kd`` (the soft term before ``alpha``); ``loss`` is the
+    weighted sum + L2, ``grad_norm`` the global norm of the weighted gradient.
+    """
+    from iepkt_tf.kd import kd_loss
+
+    names, variables = trainable_named(student.tf1_variables())
+
+    def step(images, labels, lr, seed):
+        t_logits, _ = teacher(images, training=False)
+        t_logits = tf.stop_gradient(t_logits)
+        with tf.GradientTape() as tape:
+            logits, _ = forward(student, images, True, seed)
+            ce = cross_entropy(logits, labels)
+            soft = kd_loss(logits, t_logits, temperature)
+            total = (1.0 - alpha) * ce + alpha * soft
+            scaled = _scaled(total, loss_scale)
+        g = _grads(tape, scaled, variables, loss_scale)
+        grads = add_grads(g, weight_decay_grads(variables, names, wd))
+        applied = _apply(optimizer, grads, variables, lr, loss_scale)
+        l2 = weight_decay_loss(variables, names, wd)
+        return {"loss": total + l2, "cross_entropy": ce, "kd": soft, "weight_decay": l2,
+                "accuracy": correct_count(logits, labels) / tf.cast(tf.shape(labels)[0], tf.float32),
+                "grad_norm": global_norm(g), "applied": applied}
+
+    return _function(step, jit_compile)
+
+
 def make_eval_step(model, jit_compile=False):
     """``step(images, labels) -> (correct count, summed cross-entropy)`` in inference mode."""
 
@@ -215,8 +249,11 @@ def enabled_terms(distiller):
     return tuple(k for k in _DISTILL_LOSSES if getattr(distiller, "use_" + k, True))
 
 
+CLIP_RULES = ("separate", "summed")
+
+
 def make_iep_main_step(student, teacher, distiller, optimizer, wd, loss_scale=None,
-                       jit_compile=False, grad_method="auto"):
+                       jit_compile=False, grad_method="auto", clip="separate"):
     """Phase 2: ``step(images, labels, lr, warm, seed) -> dict`` updating the student.
 
     Metrics: ``loss`` (CE + sum of the enabled distillation losses + L2), ``cross_entropy``,
@@ -225,12 +262,19 @@ def make_iep_main_step(student, teacher, distiller, optimizer, wd, loss_scale=No
     before and after clipping), ``grad_norm/total`` (the applied gradient), ``warmup``.
     ``grad_method``: how the per-loss gradients are taken (op_util.multi_grad; ``auto`` = the
     measured faster one, separate backward passes on this CPU).
+    ``clip``: ``"separate"`` clips each loss's gradient on its own (per variable, against the
+    cross-entropy gradient; the distillation part may reach 3x its norm); ``"summed"`` clips the
+    gradient of ``k_int + k_alt + k_bb`` once (as ``Optimizer_w_MHGD`` does its one loss; one
+    distillation backward pass instead of three). Its metrics are ``grad_norm/distill[_clipped]``.
     """
+    if clip not in CLIP_RULES:
+        raise ValueError(f"make_iep_main_step: clip must be one of {CLIP_RULES}, got {clip!r}")
     s_names, s_vars = trainable_named(student.tf1_variables())
     a_vars = list(distiller.adapter_variables())
     a_names = _named_subset(distiller, a_vars) if a_vars else []
     names, variables = s_names + a_names, s_vars + a_vars
     terms = enabled_terms(distiller)
+    groups = [(k,) for k in terms] if clip == "separate" else [terms]
 
     def step(images, labels, lr, warm, seed):
         _, t_feats = teacher(images, training=False)
@@ -240,20 +284,20 @@ def make_iep_main_step(student, teacher, distiller, optimizer, wd, loss_scale=No
             ce = cross_entropy(logits, labels)
             raw = distiller.distill_losses(s_feats[1:4], t_feats)
             dist = {k: tf.cast(raw[k], tf.float32) for k in terms}
-            scaled = {k: _scaled(v, loss_scale) for k, v in dist.items()}
+            scaled = [_scaled(tf.add_n([dist[k] for k in group]), loss_scale) for group in groups]
             scaled_ce = _scaled(ce, loss_scale)
         g_ce = _grads(tape, scaled_ce, variables, loss_scale)
-        g_dist = per_loss_gradients(tape, [scaled[k] for k in terms], variables, grad_method)
-        metrics = {"cross_entropy": ce}
+        g_dist = per_loss_gradients(tape, scaled, variables, grad_method)
+        metrics = {"cross_entropy": ce, **dist}
         ce_norms = [None if g is None else grad_norm(g) for g in g_ce]
         clipped_all = []
-        for k, g_k in zip(terms, g_dist):
+        for group, g_k in zip(groups, g_dist):
+            k = group[0] if clip == "separate" else "distill"
             if loss_scale is not None:
                 g_k = loss_scale.unscale(g_k)
             clipped, norms, clipped_norms = zip(*[clip_with_norms(g, n, warm)
                                                   for g, n in zip(g_k, ce_norms)])
             clipped_all.append(list(clipped))
-            metrics[k] = dist[k]
             metrics["grad_norm/" + k] = norm_of_norms(norms)
             metrics["grad_norm/" + k + "_clipped"] = norm_of_norms(clipped_norms)
         del tape

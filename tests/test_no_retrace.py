@@ -58,6 +58,8 @@ def setup(request):
             "eval": ts.make_eval_step(student),
             "init": ts.make_iep_init_step(teacher, distiller, opt),
             "main": ts.make_iep_main_step(student, teacher, distiller, opt, 5e-4),
+            "main_summed": ts.make_iep_main_step(student, teacher, distiller, opt, 5e-4, clip="summed"),
+            "kd": ts.make_kd_step(student, teacher, opt, 5e-4),
         }
         steps["floor"] = _make_floor_step(teacher, ts.make_plain_step(student, opt, 5e-4), False)
         yield {"policy": request.param, "steps": steps, "student": student, "teacher": teacher,
@@ -74,13 +76,13 @@ def args_for(kind, i):
     seed = ts.step_seed(7, i)
     if kind == "eval":
         return images, labels
-    if kind == "main":
+    if kind.startswith("main"):
         return images, labels, lr, tf.constant(0.5 + 0.2 * i, tf.float32), seed
     return images, labels, lr, seed
 
 
 # init first: it gives the incremental PCA its state, as phase 1 does before phase 2.
-@pytest.mark.parametrize("kind", ["init", "main", "plain", "floor", "eval"])
+@pytest.mark.parametrize("kind", ["init", "main", "main_summed", "plain", "kd", "floor", "eval"])
 def test_step_traces_once(setup, kind):
     step = setup["steps"][kind]
     for i in range(3):
@@ -90,7 +92,7 @@ def test_step_traces_once(setup, kind):
     assert step.experimental_get_tracing_count() == 1, kind
 
 
-@pytest.mark.parametrize("kind", ["init", "main", "plain", "floor", "eval"])
+@pytest.mark.parametrize("kind", ["init", "main", "main_summed", "plain", "kd", "floor", "eval"])
 def test_step_graph_has_no_python_and_float32_decompositions(setup, kind):
     step = setup["steps"][kind]
     graph = step.get_concrete_function(*args_for(kind, 0)).graph
@@ -99,7 +101,7 @@ def test_step_graph_has_no_python_and_float32_decompositions(setup, kind):
     decomp = [op for op in ops if op.type in DECOMPOSITIONS]
     for op in decomp:
         assert op.get_attr("T") == tf.float32, (kind, op.name, setup["policy"])
-    if kind in ("main", "init"):
+    if kind in ("main", "main_summed", "init"):
         shapes = setup["teacher"].feature_shapes(SIZE)[1:4]
         branches = [branch_of(h * w, c) for h, w, c in shapes]
         eigh = sum(op.type == "SelfAdjointEigV2" for op in decomp)

@@ -330,3 +330,39 @@ def test_cli_help_and_errors(tmp_path):
     assert missing.returncode == 2
     lines = [ln for ln in missing.stderr.splitlines() if ln.startswith("train_w_distill.py: error")]
     assert len(lines) == 1 and "--teacher_params" in lines[0], missing.stderr
+
+
+def _one_line_error(res):
+    assert res.returncode == 2, res.stderr
+    assert "Traceback" not in res.stderr, res.stderr
+    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("train_w_distill.py: error")]
+    assert len(lines) == 1, res.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("kind", ["truncated", "garbage", "non_finite"])
+def test_damaged_teacher_params_are_one_line_errors(teacher_run, tmp_path, kind):
+    """A --teacher_params that is cut short, not a .mat, or holds NaN: exit 2 with one line, before
+    training starts (no train_dir content)."""
+    from iepkt_tf.mat_io import save_mat
+
+    src = teacher_run["result"]["train_params"]
+    bad = tmp_path / "teacher.mat"
+    if kind == "truncated":
+        data = open(src, "rb").read()
+        bad.write_bytes(data[: len(data) // 2])
+    elif kind == "garbage":
+        bad.write_bytes(b"this is not a MATLAB file\n" * 10)
+    else:
+        arrays = load_mat(src)
+        key = sorted(k for k in arrays if k.endswith("/weights"))[0]
+        arrays[key] = np.full_like(arrays[key], np.nan)
+        save_mat(str(bad), arrays)
+    out = tmp_path / "run"
+    res = _cli("--Distillation", "KD", "--dataset", "synthetic", "--synthetic_image_size", "16",
+               "--teacher_arch", TEACHER["teacher_arch"], "--student_arch", "WResNet-10-1",
+               "--teacher_params", str(bad), "--train_dir", str(out), "--precision", "float32")
+    line = _one_line_error(res)
+    assert "--teacher_params" in line and str(bad) in line
+    assert ("non-finite" in line) if kind == "non_finite" else ("not a readable" in line)
+    assert not (out / "ckpt").exists()
