@@ -1,0 +1,813 @@
+r"""Resumable experiment grids: the teacher once, then variants x sample rates x seeds.
+
+    python -m iepkt_tf.experiments --preset tiny --out_dir runs/tiny
+    python -m iepkt_tf.experiments --preset paper --out_dir runs/paper --data_dir data/cifar
+    python -m iepkt_tf.experiments --summarize_only --out_dir runs/paper
+
+Every run is an ordinary ``train_w_distill.py`` run (a subprocess in the repository root) in its own
+folder: ``OUT/teacher`` (``--Distillation=None --main_scope=Teacher``) and
+``OUT/<variant>/r<rate>_s<seed>``, run seed by seed (seed 0 of every rate and variant first, so an
+interrupted grid already has complete rows). A variant whose ``--Distillation`` is not None gets
+``--teacher_params=OUT/teacher/train_params.mat``. The flags of a run are, in this order (the last
+value of a flag wins): the preset's ``common`` flags, the teacher's or the variant's flags,
+``--data_dir``, ``--extra``, then ``--train_dir``, ``--sample_rate``, ``--seed`` (and
+``--teacher_params``, ``--resume``) set by the runner.
+
+Resuming: a run is finished when its folder holds ``log.mat`` with one ``validation_acc`` entry per
+epoch (``init_epoch + train_epoch`` of its ``run_config.json``) and ``train_params.mat``; finished
+runs are skipped, a run folder with ``ckpt/`` is continued with ``--resume``. So rerunning the same
+command after a crash or a kill (or ``--max_runs``) completes the grid. A run that fails (or exits
+without finishing) is reported in one line with its log; the other runs go on and the exit status is
+1 at the end. Bad flags: one line ``experiments: error: ...`` and exit status 2.
+
+Presets (``PRESETS``; a plain dict each: ``common``, ``teacher``, ``variants``, ``rates``,
+``seeds``, ``description`` and optionally ``paper`` / ``paper_note``):
+
+* ``tiny``: a synthetic 4-class task with WRN-10-1 networks, a few seconds per run (tests, smoke).
+* ``paper``: CIFAR-100, WRN-40-4 teacher -> WRN-16-4 student with the authors' recipe; rates
+  1/0.5/0.25/0.1, seeds 0-2, the paper's Table 1 beside ours.
+* ``cpu``: the generated part-constellation task (``--dataset=synthetic_parts``), WRN-16-2 teacher
+  -> WRN-10-1 student, None / KD / IEP at rates 0.1 and 1.0, seeds 0-2 (about 45 minutes on 2
+  cores). ``cpu_ablation``: IEP ablations at rate 0.1 (an equal-width WRN-10-2 student, each loss
+  alone, summed clipping, the signed adapter, mixed_bfloat16). Both are of the family ``cpu``:
+  run them into one ``--out_dir`` and the ablation reuses the main grid's runs (presets of one
+  family share their ``common`` and ``teacher`` flags; ``rate_flags`` adds flags per rate).
+
+Outputs, rewritten atomically in ``OUT`` after every finished run (``summarize(out_dir)`` or
+``--summarize_only`` rebuilds them from the run folders):
+
+* ``results.csv``: ``variant,rate,seed,final_acc,best_acc,epochs,wall_s,train_dir`` per finished run
+  (the teacher as variant ``teacher``; ``train_dir`` relative to ``OUT``; accuracies are the
+  validation top-1 % of ``log.mat``, final and best epoch).
+* ``results.md``: the command(s), the teacher's accuracy, per variant and rate
+  ``mean ± sd (value per seed)`` of the final accuracy (sample sd), the gain over ``None`` and,
+  where the preset has them, the paper's figures beside ours.
+* ``results.png``: accuracy vs sample rate per variant (mean, ±sd and the seeds), teacher dashed.
+
+Per run folder: ``console.log`` (the run's stdout and stderr, appended as it goes, one header line
+per invocation) and ``run_time.json`` (wall time summed over invocations). ``OUT/grid.json`` keeps
+the preset, the commands and the planned runs for the summaries.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+
+from absl import app, flags
+
+from iepkt_tf.atomic import atomic_open
+
+FLAGS = flags.FLAGS
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN_SCRIPT = "train_w_distill.py"
+TEACHER = "teacher"
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+RUN_RE = re.compile(r"^r(?P<rate>[0-9.e+-]+)_s(?P<seed>[0-9]+)$")
+# Flags the runner sets itself (not allowed in --extra).
+RESERVED = {"train_dir": "use --out_dir", "sample_rate": "use --rates", "seed": "use --seeds",
+            "teacher_params": "it is OUT/teacher/train_params.mat",
+            "resume": "unfinished runs are resumed automatically",
+            "Distillation": "each variant of the preset sets it"}
+CSV_FIELDS = ("variant", "rate", "seed", "final_acc", "best_acc", "epochs", "wall_s", "train_dir")
+
+TINY_COMMON = ["--dataset=synthetic", "--synthetic_classes=4", "--synthetic_train_per_class=32",
+               "--synthetic_test_per_class=16", "--synthetic_image_size=16", "--batch_size=8",
+               "--val_batch_size=64", "--train_epoch=1", "--teacher_arch=WResNet-10-1",
+               "--student_arch=WResNet-10-1", "--precision=float32", "--vis_every=0",
+               "--log_every=1000"]
+
+CPU_COMMON = ["--dataset=synthetic_parts", "--precision=float32", "--batch_size=64",
+              "--val_batch_size=200", "--teacher_arch=WResNet-16-2", "--student_arch=WResNet-10-1",
+              "--vis_every=0", "--log_every=100000"]
+CPU_RATE_FLAGS = {0.1: ["--train_epoch=40"], 1.0: ["--train_epoch=10"]}
+CPU_IEP = ["--Distillation=IEP", "--init_epoch=5"]
+
+PRESETS = {
+    "tiny": {
+        "description": "Smoke test: synthetic 4-class 16x16 task, WRN-10-1 teacher and student, "
+                       "1 epoch (2 with IEP's initial phase).",
+        "common": TINY_COMMON,
+        "teacher": [],
+        "variants": {"None": ["--Distillation=None"],
+                     "IEP": ["--Distillation=IEP", "--init_epoch=1"]},
+        "rates": [1.0, 0.5],
+        "seeds": [0, 1],
+    },
+    "paper": {
+        "description": "CIFAR-100, WRN-40-4 teacher -> WRN-16-4 student, the authors' recipe "
+                       "(batch 128, 100 epochs, IEP initial phase 20 epochs); paper Table 1.",
+        # Interpretability frames are off (not part of the recipe): --extra=--vis_every=5 for them.
+        "common": ["--dataset=cifar100", "--model_name=WResNet", "--teacher_arch=WResNet-40-4",
+                   "--student_arch=WResNet-16-4", "--batch_size=128", "--train_epoch=100",
+                   "--vis_every=0"],
+        "teacher": [],
+        "variants": {"None": ["--Distillation=None"],
+                     "IEP": ["--Distillation=IEP", "--init_epoch=20"]},
+        "rates": [1.0, 0.5, 0.25, 0.1],
+        "seeds": [0, 1, 2],
+        # CIFAR-100 top-1 % of the paper's Table 1 (student alone; IEP + black-box).
+        "paper": {"None": {1.0: 76.09, 0.5: 69.77, 0.25: 59.28, 0.1: 40.65},
+                  "IEP": {1.0: 78.37, 0.5: 74.53, 0.25: 69.02, 0.1: 59.04}},
+        "paper_note": "Our IEP includes the black-box term K_BB, so it is compared with the "
+                      "paper's 'IEP + black-box' row; the paper's IEP without it: 78.12 / 74.22 / "
+                      "68.57 / 55.89 at rates 1 / 0.5 / 0.25 / 0.1.",
+    },
+    # ------------------------------------------------------------------------------------------
+    # CPU presets on the generated part-constellation task (dataloader/synthetic_parts.py). They
+    # share the family "cpu": run both with one --out_dir and the ablation reuses the None / IEP
+    # runs of the main grid. Epochs per rate (40 at rate 0.1, 10 at 1.0) keep every run within a
+    # CPU budget; the authors train 100 epochs at every rate.
+    "cpu": {
+        "family": "cpu",
+        "description": "synthetic_parts (40 classes, 5,000 / 2,000 images), WRN-16-2 teacher "
+                       "(10 epochs) -> WRN-10-1 student (adapters at every sensing point), batch "
+                       "64, float32; 40 epochs at rate 0.1, 10 at rate 1.0, IEP +5 module epochs.",
+        "common": CPU_COMMON,
+        "teacher": ["--train_epoch=10"],
+        "rate_flags": CPU_RATE_FLAGS,
+        "variants": {"None": ["--Distillation=None"],
+                     "KD": ["--Distillation=KD"],
+                     "IEP": CPU_IEP},
+        "rates": [0.1, 1.0],
+        "seeds": [0, 1, 2],
+    },
+    "cpu_ablation": {
+        "family": "cpu",
+        "description": "IEP ablations at rate 0.1 on the cpu preset's task and teacher: an "
+                       "equal-width student, each loss alone, summed clipping, the signed "
+                       "adapter, the CPU's default precision.",
+        "common": CPU_COMMON,
+        "teacher": ["--train_epoch=10"],
+        "rate_flags": CPU_RATE_FLAGS,
+        "variants": {"None": ["--Distillation=None"],
+                     "IEP": CPU_IEP,
+                     "None-WRN-10-2": ["--Distillation=None", "--student_arch=WResNet-10-2"],
+                     "IEP-WRN-10-2": CPU_IEP + ["--student_arch=WResNet-10-2"],
+                     "IEP-K_int": CPU_IEP + ["--k_alt=false", "--k_bb=false"],
+                     "IEP-K_alt": CPU_IEP + ["--k_int=false", "--k_bb=false"],
+                     "IEP-K_BB": CPU_IEP + ["--k_int=false", "--k_alt=false"],
+                     "IEP-summed_clip": CPU_IEP + ["--dist_clip=summed"],
+                     "IEP-adapter_bn": CPU_IEP + ["--adapter=bn"],
+                     "None-bf16": ["--Distillation=None", "--precision=mixed_bfloat16"],
+                     "IEP-bf16": CPU_IEP + ["--precision=mixed_bfloat16"]},
+        "rates": [0.1],
+        "seeds": [0, 1, 2],
+    },
+    # ------------------------------------------------------------------------------------------
+}
+
+
+class UsageError(ValueError):
+    """A bad flag value (the message names the flag and what was expected)."""
+
+
+# --------------------------------------------------------------------------- flags and the grid
+
+def define_flags(fv):
+    """Define the runner's flags on ``fv`` (absl FlagValues)."""
+    flags.DEFINE_string("preset", None, "Grid preset: " + ", ".join(PRESETS) + ".", flag_values=fv)
+    flags.DEFINE_string("out_dir", None, "Folder of the grid (run folders and results.*).",
+                        flag_values=fv)
+    flags.DEFINE_list("variants", None, "Comma list of the preset's variants to run (default all).",
+                      flag_values=fv)
+    flags.DEFINE_list("rates", None, "Comma list of sample rates in (0, 1] (default the preset's).",
+                      flag_values=fv)
+    flags.DEFINE_list("seeds", None, "Comma list of seeds >= 0 (default the preset's).",
+                      flag_values=fv)
+    flags.DEFINE_string("data_dir", None, "--data_dir passed on to every run.", flag_values=fv)
+    flags.DEFINE_multi_string("extra", [], "Extra train_w_distill.py flags for every run "
+                              "(comma-separated or repeated), e.g. --extra=--vis_every=0.",
+                              flag_values=fv)
+    flags.DEFINE_bool("dry_run", False, "Print the commands and exit.", flag_values=fv)
+    flags.DEFINE_integer("max_runs", 0, "Stop after this many runs of this invocation (skipped "
+                         "runs do not count); 0 = all.", lower_bound=0, flag_values=fv)
+    flags.DEFINE_bool("summarize_only", False, "Only rebuild results.csv/.md/.png of --out_dir.",
+                      flag_values=fv)
+
+
+def check_preset(preset):
+    """ValueError if ``preset`` (a dict) is malformed."""
+    for key in ("description", "common", "teacher", "variants", "rates", "seeds"):
+        if key not in preset:
+            raise ValueError(f"missing key {key!r}")
+    lists = [preset["common"], preset["teacher"], *preset["variants"].values()]
+    if any(not isinstance(f, str) or not f.startswith("--") for lst in lists for f in lst):
+        raise ValueError("flags must be strings '--name=value'")
+    if not preset["variants"]:
+        raise ValueError("no variants")
+    for name in preset["variants"]:
+        if not NAME_RE.match(name) or name == TEACHER:
+            raise ValueError(f"variant name {name!r} is not a valid folder name (or is 'teacher')")
+    parse_rates([str(r) for r in preset["rates"]])
+    parse_seeds([str(s) for s in preset["seeds"]])
+    unknown = set(preset.get("paper", {})) - set(preset["variants"])
+    if unknown:
+        raise ValueError(f"paper figures for unknown variants {sorted(unknown)}")
+
+
+def parse_rates(values):
+    if not values:
+        raise UsageError("--rates: expected a comma list of sample rates in (0, 1], got none")
+    rates = []
+    for v in values:
+        try:
+            r = float(v)
+        except ValueError:
+            r = float("nan")
+        if not (0.0 < r <= 1.0):
+            raise UsageError(f"--rates: expected sample rates in (0, 1], got {v!r}")
+        if r not in rates:
+            rates.append(r)
+    return rates
+
+
+def parse_seeds(values):
+    if not values:
+        raise UsageError("--seeds: expected a comma list of integer seeds >= 0, got none")
+    seeds = []
+    for v in values:
+        if not re.fullmatch(r"[0-9]+", v.strip()):
+            raise UsageError(f"--seeds: expected integer seeds >= 0, got {v!r}")
+        if int(v) not in seeds:
+            seeds.append(int(v))
+    return seeds
+
+
+def parse_extra(values):
+    extra = [f.strip() for v in values for f in v.split(",") if f.strip()]
+    for f in extra:
+        if not f.startswith("--"):
+            raise UsageError(f"--extra: expected train_w_distill.py flags like --name=value, "
+                             f"got {f!r}")
+        name = f[2:].split("=", 1)[0]
+        key = name if name in RESERVED else name[2:] if name.startswith("no") else name
+        if key in RESERVED:
+            raise UsageError(f"--extra: --{name} is set by the runner ({RESERVED[key]})")
+    return extra
+
+
+def _preset(fv):
+    if fv.preset is None:
+        raise UsageError(f"--preset is required: one of {', '.join(PRESETS)}")
+    if fv.preset not in PRESETS:
+        raise UsageError(f"--preset: unknown preset {fv.preset!r}; expected one of "
+                         f"{', '.join(PRESETS)}")
+    preset = PRESETS[fv.preset]
+    try:
+        check_preset(preset)
+    except ValueError as e:
+        raise UsageError(f"--preset {fv.preset}: malformed preset: {e}") from None
+    return preset
+
+
+def _variants(fv, preset):
+    if fv.variants is None:
+        return list(preset["variants"])
+    names = list(dict.fromkeys(v.strip() for v in fv.variants if v.strip()))
+    bad = [v for v in names if v not in preset["variants"]]
+    if bad or not names:
+        raise UsageError(f"--variants: unknown variant(s) {', '.join(bad) or '(none given)'}; "
+                         f"preset {fv.preset} has {', '.join(preset['variants'])}")
+    return names
+
+
+def grid_from_flags(fv):
+    """The grid of this invocation as a plain dict (UsageError names the bad flag)."""
+    out = os.path.abspath(fv.out_dir)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UsageError(f"--out_dir {fv.out_dir}: exists and is not a directory")
+    if fv.summarize_only:
+        return {"summarize_only": True, "out_dir": out}
+    preset = _preset(fv)
+    grid = {"summarize_only": False, "out_dir": out, "name": fv.preset, "preset": preset,
+            "variants": _variants(fv, preset),
+            "rates": parse_rates(fv.rates) if fv.rates is not None else list(preset["rates"]),
+            "seeds": parse_seeds(fv.seeds) if fv.seeds is not None else list(preset["seeds"]),
+            "extra": parse_extra(fv.extra), "dry_run": fv.dry_run, "max_runs": fv.max_runs,
+            "data_dir": os.path.abspath(fv.data_dir) if fv.data_dir else None,
+            "command": _command(fv)}
+    meta = read_meta(out)
+    family = preset.get("family", fv.preset)
+    if meta.get("preset") is not None and meta.get("family", meta["preset"]) != family:
+        raise UsageError(f"--out_dir {fv.out_dir} holds a grid of preset {meta['preset']!r}, not "
+                         f"{fv.preset!r}; choose another --out_dir")
+    return grid
+
+
+def _command(fv):
+    """This grid's command line (without --dry_run / --max_runs)."""
+    parts = ["python -m iepkt_tf.experiments", f"--preset={fv.preset}", f"--out_dir={fv.out_dir}"]
+    for name in ("variants", "rates", "seeds"):
+        if fv[name].value is not None:
+            parts.append(f"--{name}={','.join(fv[name].value)}")
+    if fv.data_dir:
+        parts.append(f"--data_dir={fv.data_dir}")
+    parts += [f"--extra={e}" for e in fv.extra]
+    return " ".join([parts[0]] + [shlex.quote(p) for p in parts[1:]])
+
+
+# --------------------------------------------------------------------------- the runs
+
+def flag_value(flag_list, name, default=None):
+    """The last value of ``--name=value`` in ``flag_list`` (``default`` if absent)."""
+    value = default
+    for f in flag_list:
+        if f.startswith(f"--{name}="):
+            value = f.split("=", 1)[1]
+    return value
+
+
+def rate_name(rate):
+    return f"{rate:g}"
+
+
+def run_cost(flag_list, rate):
+    """Relative cost of a run: sample rate x epochs (train_w_distill.py's defaults)."""
+    iep = flag_value(flag_list, "Distillation", "IEP") == "IEP"
+    epochs = int(flag_value(flag_list, "train_epoch", 100))
+    epochs += int(flag_value(flag_list, "init_epoch", 20 if iep else 0))
+    return rate * max(1, epochs)
+
+
+def plan_runs(grid):
+    """The teacher run, then every seed x rate x variant run: dicts ``variant, rate, seed, dir,
+    flags, cost, needs_teacher``."""
+    out, preset = grid["out_dir"], grid["preset"]
+    tail = ([f"--data_dir={grid['data_dir']}"] if grid["data_dir"] else []) + grid["extra"]
+    teacher_dir = os.path.join(out, TEACHER)
+    t_flags = (preset["common"] + ["--Distillation=None", "--main_scope=Teacher"]
+               + preset["teacher"] + tail + [f"--train_dir={teacher_dir}"])
+    t_rate = float(flag_value(t_flags, "sample_rate", 1.0))
+    runs = [dict(variant=TEACHER, rate=t_rate, seed=int(flag_value(t_flags, "seed", 0)),
+                 dir=teacher_dir, flags=t_flags, cost=run_cost(t_flags, t_rate),
+                 needs_teacher=False)]
+    for seed in grid["seeds"]:
+        for rate in grid["rates"]:
+            for variant in grid["variants"]:
+                run_dir = os.path.join(out, variant, f"r{rate_name(rate)}_s{seed}")
+                f = (preset["common"] + preset.get("rate_flags", {}).get(rate, [])
+                     + preset["variants"][variant] + tail
+                     + [f"--train_dir={run_dir}", f"--sample_rate={rate}", f"--seed={seed}"])
+                distill = flag_value(f, "Distillation", "IEP") != "None"
+                if distill:
+                    f.append(f"--teacher_params={os.path.join(teacher_dir, 'train_params.mat')}")
+                runs.append(dict(variant=variant, rate=rate, seed=seed, dir=run_dir, flags=f,
+                                 cost=run_cost(f, rate), needs_teacher=distill))
+    return runs
+
+
+def read_result(run_dir):
+    """``{final_acc, best_acc, epochs, wall_s}`` of a finished run, else None."""
+    from iepkt_tf.mat_io import load_mat
+
+    paths = [os.path.join(run_dir, n) for n in ("run_config.json", "log.mat", "train_params.mat")]
+    if not all(os.path.isfile(p) for p in paths):
+        return None
+    try:
+        with open(paths[0], encoding="utf-8") as f:
+            cfg = json.load(f)
+        acc = load_mat(paths[1])["validation_acc"].ravel()
+    except (ValueError, KeyError, OSError):
+        return None
+    if len(acc) == 0 or len(acc) != int(cfg["init_epoch"]) + int(cfg["train_epoch"]):
+        return None
+    return {"final_acc": float(acc[-1]), "best_acc": float(acc.max()), "epochs": len(acc),
+            "wall_s": read_wall_time(run_dir), "config": cfg}
+
+
+def read_wall_time(run_dir):
+    try:
+        with open(os.path.join(run_dir, "run_time.json"), encoding="utf-8") as f:
+            return float(json.load(f)["wall_s"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def add_wall_time(run_dir, seconds):
+    """Add ``seconds`` to the run's ``run_time.json`` (summed over invocations)."""
+    previous = read_wall_time(run_dir) or 0.0
+    try:
+        with open(os.path.join(run_dir, "run_time.json"), encoding="utf-8") as f:
+            n = int(json.load(f).get("invocations", 0))
+    except (OSError, ValueError, TypeError, AttributeError):
+        n = 0
+    write_json(os.path.join(run_dir, "run_time.json"),
+               {"wall_s": previous + seconds, "invocations": n + 1})
+
+
+def write_json(path, obj):
+    with atomic_open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.write("\n")
+
+
+def run_argv(run, resume):
+    return [sys.executable, TRAIN_SCRIPT] + run["flags"] + (["--resume"] if resume else [])
+
+
+def execute(run, resume):
+    """Run one train_w_distill.py subprocess (output appended to console.log); returns
+    ``(exit status, wall seconds)``. The wall time is recorded even on KeyboardInterrupt."""
+    os.makedirs(run["dir"], exist_ok=True)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    argv = run_argv(run, resume)
+    t0 = time.monotonic()
+    # console.log is a stream written as the run goes (not atomic), appended over invocations.
+    with open(os.path.join(run["dir"], "console.log"), "a", encoding="utf-8") as log:
+        log.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(argv[1:])}\n")
+        log.flush()
+        try:
+            rc = subprocess.call(argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        finally:
+            add_wall_time(run["dir"], time.monotonic() - t0)
+    return rc, time.monotonic() - t0
+
+
+def last_line(path):
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            lines = [ln.strip() for ln in f if ln.strip() and not ln.startswith("# ")]
+    except OSError:
+        return ""
+    return lines[-1] if lines else ""
+
+
+def hms(seconds):
+    if seconds is None:
+        return "--:--:--"
+    s = int(round(seconds))
+    return f"{s // 3600:02d}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def eta(done, remaining_cost):
+    """Seconds left: mean wall time per unit of cost of ``done`` [(wall, cost)] x remaining cost."""
+    cost = sum(c for _, c in done)
+    if not done or cost <= 0:
+        return None
+    return sum(w for w, _ in done) / cost * remaining_cost
+
+
+# --------------------------------------------------------------------------- the grid
+
+def dry_run(grid, runs, out=print):
+    out(f"# {len(runs)} runs, each in {REPO}:")
+    for k, run in enumerate(runs, 1):
+        state = "finished, skip" if read_result(run["dir"]) else (
+            "resume" if os.path.isdir(os.path.join(run["dir"], "ckpt")) else "new")
+        argv = ["python"] + run_argv(run, state == "resume")[1:]
+        out(f"[{k}/{len(runs)}] {_label(run)} ({state}): {shlex.join(argv)}")
+    return 0
+
+
+def _label(run):
+    return f"{run['variant']} {rate_name(run['rate'])} {run['seed']}"
+
+
+def run_grid(grid, out=print):
+    """Run (or skip, or resume) every run of ``grid``; returns the exit status (1: failures)."""
+    runs = plan_runs(grid)
+    if grid["dry_run"]:
+        return dry_run(grid, runs, out)
+    update_meta(grid, runs)
+    pending = [read_result(r["dir"]) is None for r in runs]
+    n, done, failures, executed = len(runs), [], [], 0
+    teacher_ok = not pending[0]
+    for k, run in enumerate(runs, 1):
+        if not pending[k - 1]:
+            res = read_result(run["dir"])
+            wall = "?" if res["wall_s"] is None else f"{res['wall_s']:.1f} s"
+            out(f"[{k}/{n}] {_label(run)} -> {res['final_acc']:.2f} (skipped, finished; {wall})")
+            continue
+        if grid["max_runs"] and executed >= grid["max_runs"]:
+            out(f"stopped after {executed} run(s) (--max_runs); run the same command again to "
+                "continue")
+            break
+        if run["needs_teacher"] and not teacher_ok:
+            failures.append(f"{_label(run)}: not started, the teacher run did not finish")
+            out(f"[{k}/{n}] {_label(run)} -> FAILED (not started: the teacher run did not finish)")
+            continue
+        ok = _run_one(run, k, n, done, runs, pending, failures, out)
+        executed += 1
+        teacher_ok = teacher_ok or (ok and run["variant"] == TEACHER)
+        _summarize_quietly(grid["out_dir"], out)
+    _summarize_quietly(grid["out_dir"], out)
+    if failures:
+        out(f"{len(failures)} run(s) failed:\n  " + "\n  ".join(failures))
+        return 1
+    return 0
+
+
+def _run_one(run, k, n, done, runs, pending, failures, out):
+    """Execute one run, print its start and end lines; returns whether it finished."""
+    resume = os.path.isdir(os.path.join(run["dir"], "ckpt"))
+    out(f"[{k}/{n}] {_label(run)}: {'resuming' if resume else 'starting'} in {run['dir']}")
+    rc, wall = execute(run, resume)
+    res = read_result(run["dir"])
+    done.append((wall, run["cost"]))
+    pending[k - 1] = False
+    left = eta(done, sum(r["cost"] for r, p in zip(runs, pending) if p))
+    log = os.path.join(run["dir"], "console.log")
+    if rc == 0 and res is not None:
+        out(f"[{k}/{n}] {_label(run)} -> {res['final_acc']:.2f} ({wall:.1f} s), ETA {hms(left)}")
+        return True
+    why = (f"exit {rc}: {last_line(log)}" if rc else
+           "incomplete: exited 0 without a full log.mat; run again to resume")
+    failures.append(f"{_label(run)}: {why}; log: {log}")
+    out(f"[{k}/{n}] {_label(run)} -> FAILED ({why}); log: {log}, ETA {hms(left)}")
+    return False
+
+
+def _summarize_quietly(out_dir, out):
+    try:
+        summarize(out_dir)
+    except Exception as e:  # a plotting or IO problem must not stop a long grid
+        out(f"experiments: warning: could not write the summaries in {out_dir}: "
+            f"{type(e).__name__}: {e}")
+
+
+# --------------------------------------------------------------------------- grid.json
+
+def read_meta(out_dir):
+    try:
+        with open(os.path.join(out_dir, "grid.json"), encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def _union(old, new):
+    return list(dict.fromkeys(list(old) + list(new)))
+
+
+def update_meta(grid, runs):
+    """Merge this invocation into ``OUT/grid.json`` (preset, commands, variants, planned runs)."""
+    meta = read_meta(grid["out_dir"])
+    preset = grid["preset"]
+    paper = {v: {rate_name(r): x for r, x in fig.items()}
+             for v, fig in preset.get("paper", {}).items()}
+    meta.update(preset=grid["name"], family=preset.get("family", grid["name"]),
+                description=preset["description"], paper=paper,
+                paper_note=preset.get("paper_note", ""),
+                commands=_union(meta.get("commands", []), [grid["command"]]),
+                variants=_union(meta.get("variants", []), grid["variants"]),
+                planned=_union(meta.get("planned", []),
+                               [os.path.relpath(r["dir"], grid["out_dir"]) for r in runs]))
+    write_json(os.path.join(grid["out_dir"], "grid.json"), meta)
+
+
+# --------------------------------------------------------------------------- summaries
+
+def collect_rows(out_dir):
+    """One row per finished run folder, plus the rows of an existing results.csv whose folders
+    are gone; teacher first, then by variant, rate (descending) and seed."""
+    rows = []
+    for rel in [TEACHER] + _run_folders(out_dir):
+        res = read_result(os.path.join(out_dir, rel))
+        if res is None:
+            continue
+        if rel == TEACHER:
+            variant, rate, seed = TEACHER, res["config"]["sample_rate"], res["config"]["seed"]
+        else:
+            variant, name = rel.split("/")
+            m = RUN_RE.match(name)
+            rate, seed = m["rate"], m["seed"]
+        rows.append(dict(variant=variant, rate=float(rate), seed=int(seed), train_dir=rel,
+                         **{k: res[k] for k in ("final_acc", "best_acc", "epochs", "wall_s")}))
+    seen = {r["train_dir"] for r in rows}
+    for row in read_csv(os.path.join(out_dir, "results.csv")):
+        gone = not os.path.isdir(os.path.join(out_dir, row["train_dir"]))
+        if row["train_dir"] not in seen and gone:
+            rows.append(row)
+    order = _variant_order(read_meta(out_dir), rows)
+    return sorted(rows, key=lambda r: (order.index(r["variant"]), -r["rate"], r["seed"]))
+
+
+def _run_folders(out_dir):
+    found = []
+    if not os.path.isdir(out_dir):
+        return found
+    for variant in sorted(os.listdir(out_dir)):
+        vdir = os.path.join(out_dir, variant)
+        if variant == TEACHER or not NAME_RE.match(variant) or not os.path.isdir(vdir):
+            continue
+        found += [f"{variant}/{n}" for n in sorted(os.listdir(vdir)) if RUN_RE.match(n)]
+    return found
+
+
+def _variant_order(meta, rows):
+    return _union([TEACHER] + meta.get("variants", []), sorted({r["variant"] for r in rows}))
+
+
+def read_csv(path):
+    if not os.path.isfile(path):
+        return []
+    with open(path, newline="", encoding="utf-8") as f:
+        return [dict(variant=r["variant"], rate=float(r["rate"]), seed=int(r["seed"]),
+                     final_acc=float(r["final_acc"]), best_acc=float(r["best_acc"]),
+                     epochs=int(r["epochs"]), wall_s=float(r["wall_s"]) if r["wall_s"] else None,
+                     train_dir=r["train_dir"]) for r in csv.DictReader(f)]
+
+
+def csv_text(rows):
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(CSV_FIELDS)
+    for r in rows:
+        w.writerow([r["variant"], rate_name(r["rate"]), r["seed"], f"{r['final_acc']:.4f}",
+                    f"{r['best_acc']:.4f}", r["epochs"],
+                    "" if r["wall_s"] is None else f"{r['wall_s']:.1f}", r["train_dir"]])
+    return buf.getvalue()
+
+
+def mean_sd(values):
+    """Mean and sample standard deviation (ddof=1; None for a single value)."""
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def format_cell(values, digits=2):
+    """``mean ± sd (v1, v2, ...)``; one value alone; ``—`` for none."""
+    if not values:
+        return "—"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    m, sd = mean_sd(values)
+    each = ", ".join(f"{v:.{digits}f}" for v in values)
+    return f"{m:.{digits}f} ± {sd:.{digits}f} ({each})"
+
+
+def group(rows):
+    """``{variant: {rate: [final_acc in seed order]}}`` of the student rows."""
+    table = {}
+    for r in rows:
+        if r["variant"] != TEACHER:
+            table.setdefault(r["variant"], {}).setdefault(r["rate"], []).append(r["final_acc"])
+    return table
+
+
+def _table(header, body):
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(row) + " |" for row in body]
+
+
+def results_markdown(rows, meta):
+    """The text of results.md for ``rows`` (see collect_rows) and ``meta`` (grid.json)."""
+    table = group(rows)
+    rates = sorted({r for v in table.values() for r in v}, reverse=True)
+    variants = [v for v in _variant_order(meta, rows) if v in table]
+    lines = [f"# Results: preset `{meta.get('preset', '?')}`", ""]
+    if meta.get("description"):
+        lines += [meta["description"], ""]
+    lines += ["```"] + meta.get("commands", []) + ["```", ""]
+    lines += _teacher_lines(rows)
+    planned = len(meta.get("planned", [])) or len(rows)
+    lines += [f"Finished runs: {len(rows)} of {planned} planned.", ""]
+    if not table:
+        return "\n".join(lines + ["No finished student runs yet.", ""])
+    lines += ["Final validation top-1 accuracy (%) by sample rate: mean ± sd over seeds (sample "
+              "sd), the value per seed in brackets (seed order).", ""]
+    lines += _table(["variant"] + [f"rate {rate_name(r)}" for r in rates],
+                    [[v] + [format_cell(table[v].get(r, [])) for r in rates] for v in variants])
+    lines += _gain_lines(table, variants, rates) + _paper_lines(table, meta)
+    return "\n".join(lines + [""])
+
+
+def _teacher_lines(rows):
+    t = [r for r in rows if r["variant"] == TEACHER]
+    if not t:
+        return ["Teacher: not finished.", ""]
+    return [f"Teacher: {t[0]['final_acc']:.2f} % final validation accuracy (best "
+            f"{t[0]['best_acc']:.2f} %, {t[0]['epochs']} epoch(s)).", ""]
+
+
+def _gain_lines(table, variants, rates):
+    if "None" not in table or len(variants) < 2:
+        return []
+    base = {r: mean_sd(v)[0] for r, v in table["None"].items()}
+    body = [[v] + [f"{mean_sd(table[v][r])[0] - base[r]:+.2f}" if r in table[v] and r in base
+                   else "—" for r in rates] for v in variants if v != "None"]
+    return (["", "## Gain over None", "",
+             "Mean final accuracy minus that of `None` (percentage points).", ""]
+            + _table(["variant"] + [f"rate {rate_name(r)}" for r in rates], body))
+
+
+def _paper_lines(table, meta):
+    paper = meta.get("paper") or {}
+    if not paper:
+        return []
+    body = []
+    for v, figs in paper.items():
+        for rate, fig in sorted(((float(r), x) for r, x in figs.items()), reverse=True):
+            ours = table.get(v, {}).get(rate, [])
+            diff = f"{mean_sd(ours)[0] - fig:+.2f}" if ours else "—"
+            body.append([v, rate_name(rate), format_cell(ours), f"{fig:.2f}", diff])
+    lines = ["", "## Paper", "", "The paper's top-1 % (Table 1) beside ours.", ""]
+    lines += _table(["variant", "rate", "ours", "paper", "ours − paper"], body)
+    return lines + (["", "Note: " + meta["paper_note"]] if meta.get("paper_note") else [])
+
+
+def results_png(rows):
+    """PNG bytes of accuracy vs sample rate (matplotlib, Agg canvas)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter
+
+    fig = Figure(figsize=(6.4, 4.4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    table = group(rows)
+    rates = sorted({r for v in table.values() for r in v})
+    for variant, by_rate in table.items():
+        xs = sorted(by_rate)
+        stats = [mean_sd(by_rate[x]) for x in xs]
+        bars = ax.errorbar(xs, [m for m, _ in stats], yerr=[sd or 0.0 for _, sd in stats],
+                           marker="o", capsize=3, label=variant)
+        seeds = [(x, v) for x in xs for v in by_rate[x]]
+        ax.plot(*zip(*seeds), ".", color=bars[0].get_color(), alpha=0.4)
+    for r in rows:
+        if r["variant"] == TEACHER:
+            ax.axhline(r["final_acc"], ls="--", color="gray",
+                       label=f"teacher ({r['final_acc']:.2f})")
+    if len(rates) > 2:
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    if rates:
+        ax.set_xticks(rates, [rate_name(r) for r in rates])
+    ax.set_xlabel("sample rate (fraction of the training set)")
+    ax.set_ylabel("final validation top-1 accuracy (%)")
+    ax.set_title("mean ± sd over seeds (dots: seeds)")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def summarize(out_dir):
+    """Rebuild results.csv, results.md and results.png in ``out_dir`` (atomically) from its run
+    folders; returns the rows."""
+    rows = collect_rows(out_dir)
+    meta = read_meta(out_dir)
+    with atomic_open(os.path.join(out_dir, "results.csv"), "w", encoding="utf-8") as f:
+        f.write(csv_text(rows))
+    with atomic_open(os.path.join(out_dir, "results.md"), "w", encoding="utf-8") as f:
+        f.write(results_markdown(rows, meta))
+    with atomic_open(os.path.join(out_dir, "results.png"), "wb") as f:
+        f.write(results_png(rows))
+    return rows
+
+
+# --------------------------------------------------------------------------- command line
+
+def _error(message):
+    print(f"experiments: error: {' '.join(str(message).split())}", file=sys.stderr)
+
+
+def _parse_flags(argv):
+    """absl's parse, with a one-line error and exit status 2 instead of the usage text."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:
+        _error(e)
+        sys.exit(2)
+
+
+def main(argv):
+    if len(argv) > 1:
+        _error(f"unexpected arguments {argv[1:]} (all options are --flags)")
+        return 2
+    try:
+        grid = grid_from_flags(FLAGS)
+    except UsageError as e:
+        _error(e)
+        return 2
+    if grid["summarize_only"]:
+        if not os.path.isdir(grid["out_dir"]):
+            _error(f"--out_dir {FLAGS.out_dir}: no such directory")
+            return 2
+        rows = summarize(grid["out_dir"])
+        print(f"{len(rows)} finished run(s); wrote results.csv, results.md, results.png in "
+              f"{FLAGS.out_dir}")
+        return 0
+    try:
+        return run_grid(grid, out=lambda line: print(line, flush=True))
+    except KeyboardInterrupt:
+        _summarize_quietly(grid["out_dir"], print)
+        print("interrupted; run the same command again to continue", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    define_flags(FLAGS)
+    flags.mark_flag_as_required("out_dir")
+    app.run(main, flags_parser=_parse_flags)
