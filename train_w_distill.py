@@ -40,7 +40,7 @@ import sys
 import time
 import types
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from dataloader.datasets import DATASETS
 from iepkt_tf.atomic import atomic_open
@@ -786,6 +786,8 @@ def main(argv):
     if len(argv) > 1:
         print(f"train_w_distill.py: error: unexpected arguments {argv[1:]}", file=sys.stderr)
         return 2
+    if not FLAGS["verbosity"].present:  # absl's INFO lines (one per checkpoint) only on request
+        logging.set_verbosity(logging.WARNING)
     from dataloader.datasets import DatasetNotFoundError
     from iepkt_tf.mat_io import MatFileError, ParamsMismatchError
 

@@ -6,6 +6,7 @@ of the IEP run. Whole file: about 1.5-2 minutes on 2 CPU cores.
 import glob
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -366,3 +367,19 @@ def test_damaged_teacher_params_are_one_line_errors(teacher_run, tmp_path, kind)
     assert "--teacher_params" in line and str(bad) in line
     assert ("non-finite" in line) if kind == "non_finite" else ("not a readable" in line)
     assert not (out / "ckpt").exists()
+
+
+def test_console_has_no_absl_info_lines(tmp_path):
+    """absl's Python INFO lines (one per checkpoint: 'Sharding callback duration') are off unless
+    --verbosity asks for them."""
+    args = ("--Distillation", "None", "--main_scope", "Student", "--student_arch", "WResNet-10-1",
+            "--dataset", "synthetic", "--synthetic_classes", "2", "--synthetic_train_per_class", "8",
+            "--synthetic_test_per_class", "2", "--synthetic_image_size", "16", "--batch_size", "8",
+            "--train_epoch", "1", "--vis_every", "0", "--precision", "float32")
+    info = re.compile(r"^I\d{4} [\d:. ]+\d+ \S+\.py:\d+\]", re.M)
+    quiet = _cli(*args, "--train_dir", str(tmp_path / "quiet"))
+    assert quiet.returncode == 0, quiet.stderr
+    assert "Finished training!" in quiet.stdout
+    assert not info.findall(quiet.stdout + quiet.stderr), quiet.stderr
+    loud = _cli(*args, "--train_dir", str(tmp_path / "loud"), "--verbosity", "0")
+    assert info.findall(loud.stdout + loud.stderr), "the check above would not see absl INFO lines"
