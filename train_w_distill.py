@@ -776,7 +776,8 @@ def _run(cfg, epoch_hook):
               f"{cfg.vis_images} --seed {cfg.seed} --size {VIS_PANEL['size']} --thumb {VIS_PANEL['thumb']}"
               + (f" --data_dir {cfg.data_dir}" if cfg.data_dir else "")
               + (f" --image_size {cfg.synthetic_image_size}" if cfg.synthetic_image_size else "")
-              + (f" --teacher_params {cfg.teacher_params} --mpnn_iter {cfg.mpnn_iter}" if iep else "")
+              + (f" --teacher_params {cfg.teacher_params} --mpnn_iter {cfg.mpnn_iter} --adapter {cfg.adapter}"
+                 if iep else "")
               + ")", flush=True)
     return {"stopped": False, "train_dir": train_dir, "train_params": params_path, "log": log_path,
             "checkpoint": manager.latest_checkpoint, "epochs_done": done, "logs": log}

@@ -169,7 +169,7 @@ def distiller_views(distiller, teacher_feats, student_feats=None):
 
 def _adapted_student(distiller, feats):
     """``{k: map}`` of the student maps the distiller adapts (widths unlike the teacher's): the
-    1x1 conv + BN adapter output in inference mode, as its MPNN sees the student; by sensing point."""
+    adapter output (1x1 conv + BN, + ReLU by default) in inference mode, as its MPNN sees the student; by sensing point."""
     import tensorflow as tf
 
     points = getattr(distiller, "adapter_points", [])
@@ -245,7 +245,8 @@ def make_panels(images, labels, feats, teacher_feats=None, distiller=None, point
             s_feat = adapted.get(k, feats[k])
             if k in adapted:
                 notes.append(f"{key}: student map {tuple(feats[k].shape[1:])} drawn through the "
-                             f"distiller's adapter (1x1 conv + BN, inference mode) to the teacher's "
+                             f"distiller's adapter (1x1 conv + BN{' + ReLU' if distiller.adapter == 'bn_relu' else ''}, "
+                             f"inference mode) to the teacher's "
                              f"{int(s_feat.shape[-1])} channels")
             if int(s_feat.shape[-1]) == int(teacher_feats[k].shape[-1]) and \
                     tuple(s_feat.shape[1:3]) == tuple(teacher_feats[k].shape[1:3]):
@@ -415,7 +416,7 @@ def resolve_scope(arrays, scope, what):
     return found[0]
 
 
-def build_distiller(arrays, teacher_channels, student_channels, mpnn_iter, what):
+def build_distiller(arrays, teacher_channels, student_channels, mpnn_iter, what, adapter="bn_relu"):
     """An :class:`~iepkt_tf.iep.IEPDistiller` loaded from the ``Distillation/...`` entries of
     ``arrays`` (PCA kind and head count read from the names and shapes)."""
     from iepkt_tf.iep import IEPDistiller
@@ -428,7 +429,7 @@ def build_distiller(arrays, teacher_channels, student_channels, mpnn_iter, what)
         d_prime = (teacher_channels[0] // 2 + teacher_channels[1] // 2) // 2
         num_head = int(sfc[0].shape[-1]) // max(1, d_prime) + 1
     distiller = IEPDistiller(teacher_channels, student_channels, mpnn_iter=mpnn_iter,
-                             num_head=num_head, pca=pca)
+                             num_head=num_head, pca=pca, adapter=adapter)
     try:
         distiller.load_tf1_variables(dist, strict=True)
     except ValueError as e:
@@ -485,6 +486,8 @@ FLAGS_SPEC = {
     "distiller_params": ("string", None, "optional .mat with the Distillation/... variables (default: "
                          "taken from --params or the epoch snapshot when present)"),
     "mpnn_iter": ("integer", 2, "MPNN iterations the distiller was trained with"),
+    "adapter": ("string", "bn_relu", "adapter kind the distiller was trained with (train_w_distill "
+                "--adapter; only for students of other widths than the teacher): bn_relu|bn"),
     "dataset": ("string", "synthetic", "dataset whose images are embedded (see dataloader.datasets)"),
     "data_dir": ("string", None, "directory holding the dataset files"),
     "split": ("enum", "train", "which split the sample is drawn from (train|test)"),
@@ -533,7 +536,7 @@ def _load_sample(cfg):
     from dataloader.datasets import load_dataset
 
     kwargs = {}
-    if cfg.image_size and cfg.dataset in ("synthetic", "CUB200"):
+    if cfg.image_size and cfg.dataset in ("synthetic", "synthetic_parts", "CUB200"):
         kwargs["image_size"] = cfg.image_size
     ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.seed, **kwargs)
     images = ds.train_images if cfg.split == "train" else ds.test_images
@@ -637,7 +640,8 @@ def visualize(cfg, log=print):
             src = teacher_feats if teacher_feats is not None else feats
             t_ch = [int(src[k].shape[-1]) for k in IEP_POINTS]
             s_ch = [int(feats[k].shape[-1]) for k in IEP_POINTS] if teacher_feats is not None else None
-            distiller = build_distiller(dist_arrays, t_ch, s_ch, cfg.mpnn_iter, cfg.distiller_params or what)
+            distiller = build_distiller(dist_arrays, t_ch, s_ch, cfg.mpnn_iter, cfg.distiller_params or what,
+                                        adapter=getattr(cfg, "adapter", "bn_relu"))
         caption = "" if epoch is None else f"EPOCH {epoch:03d}"
         panels = make_panels(images, labels, feats, teacher_feats, distiller, points, reference=prev,
                              size=cfg.size, thumb=cfg.thumb, top_k=cfg.top_k, seed=cfg.seed,
