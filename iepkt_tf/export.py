@@ -37,7 +37,8 @@ import tensorflow as tf  # noqa: E402
 from absl import flags  # noqa: E402
 
 from dataloader.preprocessing import normalize  # noqa: E402
-from iepkt_tf.mat_io import MatFileError, ParamsMismatchError, assign_params, load_mat  # noqa: E402
+from iepkt_tf.mat_io import (MatFileError, ParamsMismatchError, assign_params,  # noqa: E402
+                              load_mat, resolve_scope)
 from nets.base import image_hw  # noqa: E402
 from nets.nets_factory import arch_from_params, get_network  # noqa: E402
 
@@ -100,23 +101,6 @@ def one_line(error):
         shown = items[:_LISTED] + (["..."] if len(items) > _LISTED else [])
         parts.append(f"{title}: {', '.join(shown)}" if items else title)
     return "; ".join(parts)
-
-
-def scopes_in(arrays):
-    """Top-level scopes of a parameter dict, ``Distillation`` excluded."""
-    return sorted({k.split("/")[0] for k in arrays} - {"Distillation"})
-
-
-def resolve_scope(arrays, scope, what="--params"):
-    """``scope`` if the file has it, else the file's single network scope."""
-    found = scopes_in(arrays)
-    if scope:
-        if scope not in found:
-            raise ValueError(f"{what}: no variables under scope {scope!r}; the file has {found}")
-        return scope
-    if len(found) != 1:
-        raise ValueError(f"{what}: the file holds {len(found)} network scopes {found}; pass --scope")
-    return found[0]
 
 
 def check_finite(arrays, scope, what="--params"):

@@ -56,6 +56,23 @@ def save_mat(path, arrays) -> None:
         sio.savemat(f, data)
 
 
+def scopes_in(arrays):
+    """Top-level scopes of a parameter dict, ``Distillation`` excluded."""
+    return sorted({k.split("/")[0] for k in arrays} - {"Distillation"})
+
+
+def resolve_scope(arrays, scope, what="--params"):
+    """``scope`` if the file has it, else the file's single network scope (ValueError otherwise)."""
+    found = scopes_in(arrays)
+    if scope:
+        if scope not in found:
+            raise ValueError(f"{what}: no variables under scope {scope!r}; the file has {found}")
+        return scope
+    if len(found) != 1:
+        raise ValueError(f"{what}: the file holds {len(found)} network scopes {found}; pass --scope")
+    return found[0]
+
+
 def _in_scope(name, scope):
     return scope is None or name.split("/")[0] == scope
 

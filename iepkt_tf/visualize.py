@@ -382,11 +382,6 @@ def run_features(model, images, batch_size=100):
     return [np.concatenate(o, 0) for o in outs]
 
 
-def scopes_in(arrays):
-    """Top-level scopes of a parameter dict, ``Distillation`` excluded."""
-    return sorted({k.split("/")[0] for k in arrays} - {"Distillation"})
-
-
 def build_network(arrays, scope, arch, num_classes, image_shape, what):
     """Build ``arch`` (inferred from ``arrays`` when empty) under ``scope`` and load ``arrays``."""
     from iepkt_tf.mat_io import assign_params
@@ -403,17 +398,6 @@ def build_network(arrays, scope, arch, num_classes, image_shape, what):
     model = get_network(arch, num_classes, scope, image_shape[:2], is_main=False)
     assign_params(model.tf1_variables(), arrays, scope=scope, strict=True, what=what)
     return model
-
-
-def resolve_scope(arrays, scope, what):
-    found = scopes_in(arrays)
-    if scope:
-        if scope not in found:
-            raise ValueError(f"{what}: no variables under scope {scope!r}; the file has {found}")
-        return scope
-    if len(found) != 1:
-        raise ValueError(f"{what}: cannot tell which network to draw (scopes {found}); pass --scope")
-    return found[0]
 
 
 def build_distiller(arrays, teacher_channels, student_channels, mpnn_iter, what, adapter="bn_relu"):
@@ -581,7 +565,7 @@ def _pad_to(frames):
 
 def visualize(cfg, log=print):
     """Run the CLI with a flags-like object ``cfg``; returns the list of written files."""
-    from iepkt_tf.mat_io import load_mat
+    from iepkt_tf.mat_io import load_mat, resolve_scope, scopes_in
 
     if not cfg.out_dir:
         raise ValueError("--out_dir is required")
