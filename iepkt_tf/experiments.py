@@ -27,8 +27,8 @@ Presets (``PRESETS``; a plain dict each: ``common``, ``teacher``, ``variants``, 
 * ``paper``: CIFAR-100, WRN-40-4 teacher -> WRN-16-4 student with the authors' recipe; rates
   1/0.5/0.25/0.1, seeds 0-2, the paper's Table 1 beside ours.
 * ``cpu``: the generated part-constellation task (``--dataset=synthetic_parts``), WRN-16-2 teacher
-  -> WRN-10-1 student, None / KD / IEP at rates 0.1 and 1.0, seeds 0-2 (about 45 minutes on 2
-  cores). ``cpu_ablation``: IEP ablations at rate 0.1 (an equal-width WRN-10-2 student, each loss
+  -> WRN-10-1 student, None / KD / IEP at rates 0.1 and 1.0, seeds 0-2 (5,003 s of run wall time
+  on 2 cores shared with other jobs, README). ``cpu_ablation``: IEP ablations at rate 0.1 (an equal-width WRN-10-2 student, each loss
   alone, summed clipping, the signed adapter, mixed_bfloat16). Both are of the family ``cpu``:
   run them into one ``--out_dir`` and the ablation reuses the main grid's runs (presets of one
   family share their ``common`` and ``teacher`` flags; ``rate_flags`` adds flags per rate).
@@ -556,6 +556,7 @@ def update_meta(grid, runs):
              for v, fig in preset.get("paper", {}).items()}
     meta.update(preset=grid["name"], family=preset.get("family", grid["name"]),
                 description=preset["description"], paper=paper,
+                descriptions={**meta.get("descriptions", {}), grid["name"]: preset["description"]},
                 paper_note=preset.get("paper_note", ""),
                 commands=_union(meta.get("commands", []), [grid["command"]]),
                 variants=_union(meta.get("variants", []), grid["variants"]),
@@ -663,9 +664,11 @@ def results_markdown(rows, meta):
     table = group(rows)
     rates = sorted({r for v in table.values() for r in v}, reverse=True)
     variants = [v for v in _variant_order(meta, rows) if v in table]
-    lines = [f"# Results: preset `{meta.get('preset', '?')}`", ""]
-    if meta.get("description"):
-        lines += [meta["description"], ""]
+    described = meta.get("descriptions") or {meta.get("preset", "?"): meta.get("description", "")}
+    lines = ["# Results: preset " + " + ".join(f"`{name}`" for name in described), ""]
+    for name, text in described.items():
+        if text:
+            lines += [f"- `{name}`: {text}" if len(described) > 1 else text, ""]
     lines += ["```"] + meta.get("commands", []) + ["```", ""]
     lines += _teacher_lines(rows)
     planned = len(meta.get("planned", [])) or len(rows)
@@ -720,16 +723,20 @@ def results_png(rows):
     from matplotlib.figure import Figure
     from matplotlib.ticker import NullFormatter
 
-    fig = Figure(figsize=(6.4, 4.4), dpi=100)
+    fig = Figure(figsize=(8.4, 4.4), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     table = group(rows)
     rates = sorted({r for v in table.values() for r in v})
-    for variant, by_rate in table.items():
+    import matplotlib
+
+    colours = matplotlib.colormaps["tab20"].colors if len(table) > 10 else \
+        matplotlib.colormaps["tab10"].colors
+    for k, (variant, by_rate) in enumerate(table.items()):
         xs = sorted(by_rate)
         stats = [mean_sd(by_rate[x]) for x in xs]
         bars = ax.errorbar(xs, [m for m, _ in stats], yerr=[sd or 0.0 for _, sd in stats],
-                           marker="o", capsize=3, label=variant)
+                           marker="o", capsize=3, label=variant, color=colours[k % len(colours)])
         seeds = [(x, v) for x in xs for v in by_rate[x]]
         ax.plot(*zip(*seeds), ".", color=bars[0].get_color(), alpha=0.4)
     for r in rows:
@@ -746,7 +753,7 @@ def results_png(rows):
     ax.set_title("mean ± sd over seeds (dots: seeds)")
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
-        ax.legend()
+        ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize="small")
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
