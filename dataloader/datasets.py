@@ -333,12 +333,14 @@ def _load_synthetic(data_dir=None, seed=0, num_classes=10, train_per_class=200, 
                           test_per_class=test_per_class, image_size=image_size, seed=seed)
 
 
-def _load_synthetic_parts(data_dir=None, num_classes=40, train_per_class=125, test_per_class=50,
-                          image_size=32, seed=0):
+def _load_synthetic_parts(data_dir=None, num_classes=None, train_per_class=None,
+                          test_per_class=None, image_size=None, seed=None):
+    """``make_synthetic_parts`` with its own defaults for the options left at None."""
     from dataloader.synthetic_parts import make_synthetic_parts
 
-    return make_synthetic_parts(num_classes=num_classes, train_per_class=train_per_class,
-                                test_per_class=test_per_class, image_size=image_size, seed=seed)
+    given = dict(num_classes=num_classes, train_per_class=train_per_class,
+                 test_per_class=test_per_class, image_size=image_size, seed=seed)
+    return make_synthetic_parts(**{k: v for k, v in given.items() if v is not None})
 
 
 DATASETS = {

@@ -1,9 +1,9 @@
 """``--dataset synthetic_parts``: a generated CIFAR-shaped task on which distillation is measurable.
 
 Each class is a *constellation*: three parts (a shape of :data:`dataloader.synthetic.SHAPES` in one
-of :data:`HUES`) at class-specific positions. Parts come from one shared vocabulary and every part
-type occurs in several classes, so no single part names the class: a network has to recognise the
-parts *and* their arrangement, which rewards depth and width (a deeper/wider teacher is clearly
+of :data:`HUES`) at class-specific positions. Parts come from one shared vocabulary and every set
+of parts serves two classes that differ only by where the parts sit (``LAYOUTS``), so the parts
+alone never name the class: a network has to recognise the parts *and* their arrangement, which rewards depth and width (a deeper/wider teacher is clearly
 better than a small student) and needs many examples (accuracy falls steeply with the sample
 rate, as on CIFAR-100). Every image draws its constellation under a random shift, scale and
 rotation, jitters each part's position, size, hue and brightness, drops one part now and then,
@@ -12,8 +12,8 @@ pixel noise.
 
 The classes are fixed by ``seed`` (default 0), not by the run's ``--seed``: the teacher and every
 student of an experiment see the same task, and seeds vary only initialisation, data order and
-the sample-rate subset. Pure numpy, deterministic (same arguments -> identical bytes), about a
-second per 10,000 images. The test split has its own seed stream, so it does not change with
+the sample-rate subset. Pure numpy, deterministic (same arguments -> identical bytes), about 2 s
+for the default 7,000 images. The test split has its own seed stream, so it does not change with
 ``train_per_class``.
 """
 from __future__ import annotations
@@ -102,7 +102,7 @@ def _render(labels, parts, image_size, rng):
     ang = u(0, 2 * np.pi)[:, None, None]
     ramp = (np.cos(ang) * grid[0] + np.sin(ang) * grid[1]) * u(0.0, 0.3)[:, None, None]
     img = np.clip(bg[:, None, None, :] + ramp[..., None], 0, 1)
-    for k in range(3):  # clutter blobs of any colour
+    for _ in range(3):  # clutter blobs of any colour
         cx, cy, rad = u(-1, 1), u(-1, 1), u(0.05, 0.15)
         col = _hsv_to_rgb(rng.random(n), rng.uniform(0.0, 0.6, n), rng.uniform(0.2, 1.0, n)).astype(f32)
         d = np.sqrt((grid[0] - cx[:, None, None]) ** 2 + (grid[1] - cy[:, None, None]) ** 2)
