@@ -8,7 +8,7 @@ teacher channels ``C_k``:
   its cosine graph ``G_k``; the student is projected on the teacher's ``U_T``, plane-mapped and
   projected with the teacher's ``M, V`` (lines 35-51);
 * for every module ``i >= 1`` (points ``i-1 -> i``): an :class:`~iepkt_tf.mpnn.MPNN` with
-  ``D = C_i//2`` and the MHGD :class:`~iepkt_tf.mhgd.AttentionHeads` / :class:`~iepkt_tf.mhgd.Estimator`
+  ``D = C_i//2`` and the MHGD :class:`~iepkt_tf.attention_heads.AttentionHeads` / :class:`~iepkt_tf.attention_heads.Estimator`
   (lines 53-70).
 
 Two phases, as in the authors' training script:
@@ -37,7 +37,7 @@ import tensorflow as tf
 
 from iepkt_tf.incremental_pca import BatchPCA, IncrementalPCA, cosine_graph
 from iepkt_tf.kld import kld_loss
-from iepkt_tf.mhgd import AttentionHeads, Estimator, est_loss, k_bb_term
+from iepkt_tf.attention_heads import AttentionHeads, Estimator, est_loss, k_bb_term
 from iepkt_tf.mpnn import MPNN, message_l1
 from iepkt_tf.plane_mapping import plane_mapping
 from iepkt_tf.stacked_pca import first_pca, project_student

@@ -277,7 +277,7 @@ def check_mpnn(fix):
 
 def check_mhgd(fix):
     import tensorflow as tf
-    from iepkt_tf.mhgd import AttentionHeads, Estimator, drop_head, est_loss, k_bb_term
+    from iepkt_tf.attention_heads import AttentionHeads, Estimator, drop_head, est_loss, k_bb_term
 
     rows = []
     for m in _modules(fix, "/heads_train_T"):

@@ -39,12 +39,13 @@ class ResBlock(keras.layers.Layer):
             out.update(conv2=self.conv2, bn2=self.bn2)
         return out
 
-    def call(self, x, training=False):
+    def call(self, x, training=False, pre_relu=False):
         out = tf.nn.relu(self.bn0(self.conv0(x), training=training))
         out = self.bn1(self.conv1(out), training=training)
         if self.projection:
             x = self.bn2(self.conv2(x), training=training)
-        return tf.nn.relu(tf.cast(x, out.dtype) + out)
+        pre = tf.cast(x, out.dtype) + out
+        return (tf.nn.relu(pre), pre) if pre_relu else tf.nn.relu(pre)
 
 
 class ResNet(SensingNetwork):
@@ -55,6 +56,9 @@ class ResNet(SensingNetwork):
     and the final output (of ``Resblock2``), so ``feats[1:4]`` are the authors' ResNet ``feat``
     collection (the output of the last block of every stage). ``keep_rate`` is always 1: the
     authors' ResNet has no dropout, and passing ``dropout_masks`` is an error.
+    ``pre_relu=True`` returns ``(logits, feats, pre_feats)``: the same points before their ReLU
+    (the stem's BN output, each stage's last residual sum); :meth:`sensing_bns` are the BNs
+    nearest before them (``bn0``, each stage's last ``bn1``: the residual branch's, as CO's code takes).
     """
 
     def __init__(self, depth, num_classes, scope="Student", name=None):
@@ -87,20 +91,26 @@ class ResNet(SensingNetwork):
         self.full = Dense(num_classes, use_bias=True, name="full")
         self.dropout_scopes = []
 
-    def call(self, images, training=False, dropout_masks=None):
+    def call(self, images, training=False, dropout_masks=None, pre_relu=False):
         if dropout_masks:
             raise ValueError(f"dropout_masks: {self.arch} has no dropout, got keys {sorted(dropout_masks)}")
         if images.shape[1] is not None and (int(images.shape[1]) == 32) != (self.input_height == 32):
             raise ValueError(f"{self.scope} was built for {self.input_height}-pixel-high images "
                              f"(stem {stem_for_height(self.input_height)}), got height {images.shape[1]}")
-        x = tf.nn.relu(self.bn0(self.conv0(images), training=training))
-        feats = [x]
+        pre = self.bn0(self.conv0(images), training=training)
+        x = tf.nn.relu(pre)
+        feats, pres = [x], [pre]
         for blocks in self.stages:
             for block in blocks:
-                x = block(x, training=training)
+                x, pre = block(x, training=training, pre_relu=True)
             feats.append(x)
-        logits = self.full(tf.reduce_mean(x, [1, 2]))
-        return tf.cast(logits, tf.float32), feats
+            pres.append(pre)
+        logits = tf.cast(self.full(tf.reduce_mean(x, [1, 2])), tf.float32)
+        return (logits, feats, pres) if pre_relu else (logits, feats)
+
+    def sensing_bns(self):
+        """``bn0`` and the last block's ``bn1`` of every stage (see the class docstring)."""
+        return [self.bn0] + [blocks[-1].bn1 for blocks in self.stages]
 
     def tf1_layers(self):
         """``{TF1 scope relative to self.scope: leaf layer}`` in creation order."""

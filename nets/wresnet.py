@@ -44,7 +44,8 @@ class BasicBlock(keras.layers.Layer):
     ``bn0``, ``conv1`` and (when the width changes) the 1x1 shortcut ``conv2``.
 
     ``call(x, training, dropout_mask)`` returns ``(x + out, entry)`` where ``entry`` is the
-    BN+ReLU of the input (the tensor the authors add to ``feat`` in ``BasicBlock0``).
+    BN+ReLU of the input (the tensor the authors add to ``feat`` in ``BasicBlock0``); with
+    ``pre_relu=True`` ``(x + out, entry, pre)``, ``pre`` the BN output before that ReLU.
     """
 
     def __init__(self, in_planes, out_planes, stride, keep_rate=1.0, **kwargs):
@@ -63,15 +64,17 @@ class BasicBlock(keras.layers.Layer):
             out["conv2"] = self.conv2
         return out
 
-    def call(self, x, training=False, dropout_mask=None):
-        entry = tf.nn.relu(self.bn(x, training=training))
+    def call(self, x, training=False, dropout_mask=None, pre_relu=False):
+        pre = self.bn(x, training=training)
+        entry = tf.nn.relu(pre)
         # equalInOut: residual reads BN+ReLU(x), shortcut is the raw x; otherwise both read it.
         shortcut = x if self.equal_in_out else self.conv2(entry)
         out = tf.nn.relu(self.bn0(self.conv0(entry), training=training))
         if training and self.keep_rate < 1.0:
             out = dropout(out, self.keep_rate, dropout_mask)
         out = self.conv1(out)
-        return tf.cast(shortcut, out.dtype) + out, entry
+        y = tf.cast(shortcut, out.dtype) + out
+        return (y, entry, pre) if pre_relu else (y, entry)
 
 
 class WResNet(SensingNetwork):
@@ -80,7 +83,9 @@ class WResNet(SensingNetwork):
     ``call(images, training=False, dropout_masks=None) -> (logits, feats)``: ``logits`` float32
     ``[B, num_classes]``; ``feats`` the authors' ``feat`` collection for this network (compute
     dtype): BN+ReLU at the entry of ``WResblock{0,1,2}/BasicBlock0`` and the final BN+ReLU.
-    IEP senses ``feats[1:4]`` (WResNet.py lines 205-207).
+    IEP senses ``feats[1:4]`` (WResNet.py lines 205-207). ``pre_relu=True`` returns
+    ``(logits, feats, pre_feats)``, ``pre_feats`` the same BN outputs before their ReLU (AB, CO),
+    from the same forward pass; :meth:`sensing_bns` are those four BN layers.
 
     Deviation: the authors' ``name[-1] == '0'`` test also records ``BasicBlock10``, ``20``... for
     depth >= 70; we record only ``BasicBlock0`` of each group, so there are always 4 feats.
@@ -136,23 +141,30 @@ class WResNet(SensingNetwork):
                              f"{self.dropout_scopes}")
         return dropout_masks
 
-    def call(self, images, training=False, dropout_masks=None):
+    def call(self, images, training=False, dropout_masks=None, pre_relu=False):
         masks = self._check_masks(dropout_masks)
         if images.shape[1] is not None and (int(images.shape[1]) == 32) != (self.input_height == 32):
             raise ValueError(f"{self.scope} was built for {self.input_height}-pixel-high images "
                              f"(stem {stem_for_height(self.input_height)}), got height {images.shape[1]}")
         x = self.conv0(images)
-        feats = []
+        feats, pres = [], []
         for g, blocks in enumerate(self.groups):
             for i, block in enumerate(blocks):
-                x, entry = block(x, training=training,
-                                 dropout_mask=masks.get(f"{self.scope}/WResblock{g}/BasicBlock{i}/Dropout"))
+                x, entry, pre = block(x, training=training, pre_relu=True,
+                                      dropout_mask=masks.get(f"{self.scope}/WResblock{g}/BasicBlock{i}/Dropout"))
                 if i == 0:
                     feats.append(entry)
-        x = tf.nn.relu(self.bn0(x, training=training))
+                    pres.append(pre)
+        pre = self.bn0(x, training=training)
+        x = tf.nn.relu(pre)
         feats.append(x)
-        logits = self.full(tf.reduce_mean(x, [1, 2]))
-        return tf.cast(logits, tf.float32), feats
+        pres.append(pre)
+        logits = tf.cast(self.full(tf.reduce_mean(x, [1, 2])), tf.float32)
+        return (logits, feats, pres) if pre_relu else (logits, feats)
+
+    def sensing_bns(self):
+        """The BN layers whose outputs are ``pre_feats`` (``WResblock{g}/BasicBlock0/bn``, ``bn0``)."""
+        return [blocks[0].bn for blocks in self.groups] + [self.bn0]
 
     def tf1_layers(self):
         """``{TF1 scope relative to self.scope: leaf layer}`` in the authors' creation order."""

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from iepkt_tf.mhgd import AttentionHeads, Estimator, drop_head, est_loss, k_bb_term
+from iepkt_tf.attention_heads import AttentionHeads, Estimator, drop_head, est_loss, k_bb_term
 from tests.conftest import assert_close, load_fixture
 
 FWD_TOL = 1e-4     # forward values and losses, relative to max|ref| (fixtures README)

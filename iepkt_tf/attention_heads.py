@@ -1,4 +1,4 @@
-"""Black-box knowledge of IEP: multi-head graph distillation (MHGD).
+"""Attention heads of multi-head graph distillation (MHGD), as IEP's black-box knowledge uses them.
 
 Mirrors the authors' ``Attention_knowledge``, ``Attention_head``, ``Estimator`` and ``drop_head``
 (Distillation.py lines 159-219), built under ``WResNet_arg_scope`` (FC without bias except

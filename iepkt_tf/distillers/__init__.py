@@ -1,0 +1,1 @@
+"""Distillation methods, one module each, over the interface of :mod:`iepkt_tf.distillers.base`."""
