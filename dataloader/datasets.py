@@ -18,6 +18,11 @@ normalise/augment in the graph; ``load_dataset`` returns exactly that raw materi
 * ``CUB200``: ``CUB_200_2011/`` (``images.txt``, ``train_test_split.txt``,
   ``image_class_labels.txt``, ``images/``); every image is resized (bilinear, antialiased, aspect
   ratio not kept) to ``image_size`` x ``image_size`` (default 224) so it fits one uint8 array.
+
+Missing files raise :class:`DatasetNotFoundError` (where it looked, how to get the data); a file
+that is there but damaged (truncated, another format, arrays of the wrong shape or dtype, labels
+that are not class ids, an undecodable image) raises :class:`DatasetError`, a subclass that is
+also a ValueError, naming the file and what was expected. Both are one-line messages.
 """
 from __future__ import annotations
 
@@ -27,7 +32,9 @@ import inspect
 import io
 import os
 import pickle
+import re
 import tarfile
+import zlib
 
 import numpy as np
 
@@ -38,6 +45,12 @@ CUB_URL = "https://www.vision.caltech.edu/datasets/cub_200_2011/"
 
 class DatasetNotFoundError(FileNotFoundError):
     """The dataset's files are not where they were looked for (the message says where and how to get them)."""
+
+
+class DatasetError(DatasetNotFoundError, ValueError):
+    """A dataset file is there but damaged: truncated, of another format, of the wrong shape, dtype
+    or values. The message names the file and what was expected. A :class:`DatasetNotFoundError`
+    (so whoever reports missing data reports this too) and a ValueError (bad input)."""
 
 
 @dataclasses.dataclass
@@ -122,17 +135,44 @@ def _unpickle(blob, where):
     try:
         return _CifarUnpickler(io.BytesIO(blob), encoding="bytes").load()
     except Exception as e:  # noqa: BLE001 - any decoding failure means a bad file
-        raise ValueError("cannot read CIFAR pickle %s: %s" % (where, e)) from None
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise DatasetError("cannot read CIFAR pickle %s: %s (expected a python pickle of the "
+                           "CIFAR archive, %s)" % (where, reason, CIFAR_URL)) from None
 
 
-def _cifar_arrays(batch, label_key, where):
+def _int_labels(values, n, num_classes, where, key):
+    """``values`` as int32 ``[n]`` in ``[0, num_classes)``; DatasetError naming ``where`` otherwise."""
+    try:
+        labels = np.asarray(values)
+    except (TypeError, ValueError):  # ragged or odd objects from a foreign pickle
+        labels = np.asarray([], object)
+    if labels.dtype.kind not in "iub" and not (labels.dtype.kind == "f" and labels.size
+                                               and np.all(np.isfinite(labels))
+                                               and np.all(labels == np.round(labels))):
+        raise DatasetError("%s: %s must be integer class ids, got %s %s"
+                           % (where, key, labels.dtype, labels.shape))
+    if labels.shape != (n,):
+        raise DatasetError("%s: %s must have one entry per image, shape [%d], got %s"
+                           % (where, key, n, labels.shape))
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise DatasetError("%s: %s must lie in [0, %d), got [%d, %d]"
+                           % (where, key, num_classes, labels.min(), labels.max()))
+    return labels.astype(np.int32)
+
+
+def _cifar_arrays(batch, label_key, where, num_classes=100):
     """One pickled batch: ``b'data'`` [N, 3072] row-major CHW -> uint8 [N, 32, 32, 3], labels."""
     if not isinstance(batch, dict) or b"data" not in batch or label_key not in batch:
-        raise ValueError("CIFAR pickle %s: expected a dict with keys b'data' and %r" % (where, label_key))
-    data = np.asarray(batch[b"data"], dtype=np.uint8)
-    if data.ndim != 2 or data.shape[1] != 3072:
-        raise ValueError("CIFAR pickle %s: b'data' must be [N, 3072], got %s" % (where, data.shape))
-    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), np.asarray(batch[label_key], np.int32)
+        raise DatasetError("CIFAR pickle %s: expected a dict with keys b'data' and %r"
+                           % (where, label_key))
+    data = batch[b"data"] if isinstance(batch[b"data"], np.ndarray) else None
+    if data is None or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        got = "%s %s" % (data.dtype, data.shape) if data is not None else type(batch[b"data"]).__name__
+        raise DatasetError("CIFAR pickle %s: b'data' must be a uint8 array [N, 3072], got %s"
+                           % (where, got))
+    labels = _int_labels(batch[label_key], len(data), num_classes, "CIFAR pickle " + where,
+                         repr(label_key))
+    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels
 
 
 def _read_cifar(name, read, where):
@@ -141,15 +181,22 @@ def _read_cifar(name, read, where):
     splits = []
     for members in (lay.train, (lay.test,)):
         parts = [_cifar_arrays(_unpickle(read(m), "%s/%s" % (where, m)), lay.label_key,
-                               "%s/%s" % (where, m)) for m in members]
+                               "%s/%s" % (where, m), lay.num_classes) for m in members]
         splits += [np.ascontiguousarray(np.concatenate([p[0] for p in parts])),
                    np.concatenate([p[1] for p in parts])]
     names = ()
     try:
-        meta = _unpickle(read(lay.meta), "%s/%s" % (where, lay.meta))
-        names = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in meta[lay.names_key])
-    except (FileNotFoundError, KeyError, TypeError):
-        pass  # the meta file only supplies class names
+        blob = read(lay.meta)
+    except FileNotFoundError:
+        blob = None  # the meta file only supplies class names
+    if blob is not None:
+        meta_where = "%s/%s" % (where, lay.meta)
+        meta = _unpickle(blob, meta_where)
+        raw = meta.get(lay.names_key) if isinstance(meta, dict) else None
+        if not isinstance(raw, (list, tuple)) or len(raw) != lay.num_classes:
+            raise DatasetError("CIFAR pickle %s: expected a dict whose %r lists %d class names"
+                               % (meta_where, lay.names_key, lay.num_classes))
+        names = tuple(n.decode("utf-8", "replace") if isinstance(n, bytes) else str(n) for n in raw)
     return Dataset(*splits, num_classes=lay.num_classes, name=name, class_names=names)
 
 
@@ -162,9 +209,16 @@ def _load_cifar(name, data_dir=None, download=False):
     root = data_dir or _keras_cache_dir()
     looked = []
     # Extracted: <root>/<folder>, Keras 3's cache <root>/<folder>/<folder>, or <root> itself.
+    members = lay.train + (lay.test,)
     for cand in (os.path.join(root, lay.folder), os.path.join(root, lay.folder, lay.folder), root):
         looked.append(cand + os.sep)
-        if all(os.path.isfile(os.path.join(cand, m)) for m in lay.train + (lay.test,)):
+        present = [os.path.isfile(os.path.join(cand, m)) for m in members]
+        if any(present) and not all(present) and cand != root:   # an incomplete extraction
+            raise DatasetNotFoundError("%s: %s lacks %s (expected %s from %s)"
+                                       % (name, cand, ", ".join(m for m, p in zip(members, present)
+                                                                if not p),
+                                          ", ".join(members), lay.archive))
+        if all(present):
             def read(member, cand=cand):
                 with open(os.path.join(cand, member), "rb") as f:
                     return f.read()
@@ -172,17 +226,27 @@ def _load_cifar(name, data_dir=None, download=False):
     archive = os.path.join(root, lay.archive)
     looked.append(archive)
     if os.path.isfile(archive):
-        with tarfile.open(archive, "r:gz") as tar:
-            def read(member):
+        try:
+            with tarfile.open(archive, "r:gz") as tar:
+                def read(member):
+                    try:
+                        return tar.extractfile("%s/%s" % (lay.folder, member)).read()
+                    except (KeyError, AttributeError):
+                        raise FileNotFoundError(member) from None
                 try:
-                    return tar.extractfile("%s/%s" % (lay.folder, member)).read()
-                except (KeyError, AttributeError):
-                    raise FileNotFoundError(member) from None
-            try:
-                return _read_cifar(name, read, archive)
-            except FileNotFoundError as e:
-                raise DatasetNotFoundError("%s: archive %s has no member %s/%s"
-                                           % (name, archive, lay.folder, e)) from None
+                    return _read_cifar(name, read, archive)
+                except DatasetNotFoundError:
+                    raise
+                except FileNotFoundError as e:
+                    raise DatasetNotFoundError("%s: archive %s has no member %s/%s"
+                                               % (name, archive, lay.folder, e)) from None
+        except DatasetNotFoundError:
+            raise
+        except (tarfile.TarError, EOFError, zlib.error, OSError) as e:  # truncated, not a .tar.gz
+            reason = " ".join(str(e).split()) or type(e).__name__
+            raise DatasetError("%s: archive %s is not a readable .tar.gz (%s); expected the "
+                               "downloaded %s from %s" % (name, archive, reason, lay.archive,
+                                                          CIFAR_URL)) from None
     ds, reason = _load_tfds(name, data_dir, download)
     if ds is not None:
         return ds
@@ -203,11 +267,18 @@ def _load_tfds(name, data_dir, download):
                                  as_supervised=True, download=download, with_info=True)
     except Exception as e:  # noqa: BLE001 - tfds reports "not prepared" with assorted types
         return None, (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    import tensorflow as tf
+
     arrays = []
     for ds in splits:
         # Chunks rather than batch_size=-1: the same arrays, and tfds.testing.mock_data (no split
         # sizes) turns batch_size=-1 into batch(sys.maxsize), which aborts the process.
-        chunks = list(tfds.as_numpy(ds.batch(10000)))
+        try:
+            chunks = list(tfds.as_numpy(ds.batch(10000)))
+        except tf.errors.OpError as e:  # a damaged record file of the prepared copy
+            raise DatasetError("%s: the tensorflow-datasets copy in %s is damaged (%s)"
+                               % (name, data_dir or "the default tfds data dir",
+                                  _tf_reason(e))) from None
         arrays += [np.concatenate([c[0] for c in chunks]).astype(np.uint8),
                    np.concatenate([c[1] for c in chunks]).astype(np.int32)]
     try:
@@ -221,6 +292,14 @@ def _load_tfds(name, data_dir, download):
 
 # ---------------------------------------------------------------------------------------------
 # Image-folder datasets, decoded with tf.io / tf.image.
+
+def _tf_reason(error):
+    """The first line of a TensorFlow error without its ``{{function_node ...}}`` and ``[Op:...]``
+    decorations."""
+    text = (error.message or type(error).__name__).splitlines()[0]
+    text = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", text)
+    return re.sub(r"\s*\[Op:\w+\].*$", "", text).strip() or type(error).__name__
+
 
 def _decode_files(paths, image_size):
     """Decode image files (JPEG/PNG/...; grey -> RGB) to uint8 ``[N, S, S, 3]``.
@@ -243,24 +322,52 @@ def _decode_files(paths, image_size):
         same = tf.reduce_all(tf.equal(tf.shape(img)[:2], image_size))
         return tf.ensure_shape(tf.cond(same, lambda: img, resize), [image_size, image_size, 3])
 
+    chunk = 500
     ds = tf.data.Dataset.from_tensor_slices(list(paths))
-    ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).batch(500)
+    ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).batch(chunk)
+    batches = []
     try:
-        return np.concatenate([b.numpy() for b in ds])
+        for b in ds:
+            batches.append(b.numpy())
     except tf.errors.NotFoundError as e:
-        raise DatasetNotFoundError("image file missing: %s" % e.message.splitlines()[0]) from None
+        raise DatasetNotFoundError("image file missing: %s" % _tf_reason(e)) from None
     except tf.errors.OpError as e:
-        raise ValueError("cannot decode an image under %s: %s"
-                         % (os.path.dirname(paths[0]), e.message.splitlines()[0])) from None
+        # The batches arrive in order, so the damaged file is in the next chunk: find it.
+        reason = _tf_reason(e)
+        start = len(batches) * chunk
+        for path in paths[start:start + chunk]:
+            try:
+                load(path)
+            except tf.errors.OpError as e1:
+                reason = _tf_reason(e1)
+                raise DatasetError("%s: not a readable image (%s); expected a JPEG, PNG, GIF or "
+                                   "BMP file" % (path, reason)) from None
+        raise DatasetError("cannot decode an image under %s: %s"
+                           % (os.path.dirname(paths[start]), reason)) from None
+    return np.concatenate(batches)
 
 
-def _read_table(path, dataset, url):
-    """Whitespace-separated rows of a dataset's text file."""
+def _read_table(path, dataset, url, columns=1):
+    """Whitespace-separated rows of a dataset's text file, each with at least ``columns`` fields."""
     if not os.path.isfile(path):
         raise DatasetNotFoundError("%s not found: missing %s; pass --data_dir containing it "
                                    "(download from %s)" % (dataset, path, url))
-    with open(path, encoding="utf-8") as f:
-        return [line.split() for line in f if line.strip()]
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except UnicodeDecodeError as e:
+        raise DatasetError("%s: %s is not a text file (%s); expected the dataset's UTF-8 table "
+                           "(download from %s)" % (dataset, path, e.reason, url)) from None
+    rows = []
+    for number, line in enumerate(lines, 1):
+        row = line.split()
+        if not row:
+            continue
+        if len(row) < columns or "\0" in line:
+            raise DatasetError("%s: %s line %d is %r; expected %d whitespace-separated fields"
+                               % (dataset, path, number, line[:80], columns))
+        rows.append(row)
+    return rows
 
 
 def _find_root(data_dir, folder, marker, dataset, url):
@@ -278,8 +385,11 @@ def _find_root(data_dir, folder, marker, dataset, url):
 
 def _load_tiny_imagenet(data_dir=None):
     root = _find_root(data_dir, "tiny-imagenet-200", "wnids.txt", "TinyImageNet", TINY_IMAGENET_URL)
-    wnids = [row[0] for row in _read_table(os.path.join(root, "wnids.txt"), "TinyImageNet",
-                                           TINY_IMAGENET_URL)]
+    wnids_txt = os.path.join(root, "wnids.txt")
+    wnids = [row[0] for row in _read_table(wnids_txt, "TinyImageNet", TINY_IMAGENET_URL)]
+    if not wnids or len(set(wnids)) != len(wnids):
+        raise DatasetError("TinyImageNet: %s must list distinct wnids, one per line; got %d lines, "
+                           "%d distinct" % (wnids_txt, len(wnids), len(set(wnids))))
     index = {w: i for i, w in enumerate(wnids)}
     train_paths, train_labels = [], []
     for w in wnids:
@@ -291,9 +401,10 @@ def _load_tiny_imagenet(data_dir=None):
         train_labels += [index[w]] * len(files)
     ann = os.path.join(root, "val", "val_annotations.txt")
     test_paths, test_labels = [], []
-    for row in _read_table(ann, "TinyImageNet", TINY_IMAGENET_URL):
-        if len(row) < 2 or row[1] not in index:
-            raise ValueError("TinyImageNet: %s has a row %r whose wnid is not in wnids.txt" % (ann, row))
+    for row in _read_table(ann, "TinyImageNet", TINY_IMAGENET_URL, columns=2):
+        if row[1] not in index:
+            raise DatasetError("TinyImageNet: %s has a row %r whose wnid is not in wnids.txt"
+                               % (ann, " ".join(row)[:80]))
         test_paths.append(os.path.join(root, "val", "images", row[0]))
         test_labels.append(index[row[1]])
     return Dataset(_decode_files(train_paths, 64), np.array(train_labels, np.int32),
@@ -305,18 +416,34 @@ def _load_cub200(data_dir=None, image_size=224):
     if not isinstance(image_size, (int, np.integer)) or isinstance(image_size, bool) or image_size < 8:
         raise ValueError("CUB200: image_size must be an integer >= 8, got %r" % (image_size,))
     root = _find_root(data_dir, "CUB_200_2011", "images.txt", "CUB200", CUB_URL)
-    table = {f: {row[0]: row[1] for row in _read_table(os.path.join(root, f), "CUB200", CUB_URL)}
-             for f in ("images.txt", "train_test_split.txt", "image_class_labels.txt")}
+    table = {}
+    for f, what in (("images.txt", None), ("train_test_split.txt", ("0", "1")),
+                    ("image_class_labels.txt", "class")):
+        path = os.path.join(root, f)
+        rows = _read_table(path, "CUB200", CUB_URL, columns=2)
+        for row in rows:
+            bad = not row[0].isdigit()
+            if what == "class":
+                bad = bad or not row[1].isdigit() or int(row[1]) < 1
+            elif what is not None:
+                bad = bad or row[1] not in what
+            if bad:
+                expected = {None: "<image id> <relative path>",
+                            "class": "<image id> <class id >= 1>"}.get(what, "<image id> 0|1")
+                raise DatasetError("CUB200: %s has a row %r; expected '%s'"
+                                   % (path, " ".join(row)[:80], expected))
+        table[f] = {row[0]: row[1] for row in rows}
     ids = sorted(table["images.txt"], key=int)
     try:
         is_train = np.array([table["train_test_split.txt"][i] == "1" for i in ids], bool)
         labels = np.array([int(table["image_class_labels.txt"][i]) - 1 for i in ids], np.int32)
     except KeyError as e:
-        raise ValueError("CUB200: image id %s of images.txt is missing from train_test_split.txt "
-                         "or image_class_labels.txt" % e) from None
+        raise DatasetError("CUB200: image id %s of %s is missing from train_test_split.txt "
+                           "or image_class_labels.txt" % (e, os.path.join(root, "images.txt"))) from None
     names = ()
     if os.path.isfile(os.path.join(root, "classes.txt")):
-        names = tuple(row[1] for row in _read_table(os.path.join(root, "classes.txt"), "CUB200", CUB_URL))
+        names = tuple(row[1] for row in _read_table(os.path.join(root, "classes.txt"), "CUB200",
+                                                    CUB_URL, columns=2))
     paths = [os.path.join(root, "images", table["images.txt"][i]) for i in ids]
     pick = lambda mask: [p for p, m in zip(paths, mask) if m]  # noqa: E731
     return Dataset(_decode_files(pick(is_train), image_size), labels[is_train],

@@ -40,3 +40,26 @@ def write_bytes(path, data: bytes):
     """Write ``data`` to ``path`` atomically."""
     with atomic_open(path, "wb") as f:
         f.write(data)
+
+
+def check_writable(path, what, directory=False):
+    """Raise OSError (the message names ``what``, e.g. the flag, and ``path``) unless a file
+    (``directory=False``) or a directory (``directory=True``) can be written at ``path``: ``path``
+    is absent or of that kind, and its nearest existing ancestor is a writable directory (so the
+    missing ones can be created). Checked before any work, so a run never ends in an unwritable
+    output."""
+    path = os.path.abspath(os.fspath(path))
+    if os.path.lexists(path):
+        if directory and not os.path.isdir(path):
+            raise NotADirectoryError(f"{what} {path}: exists and is not a directory")
+        if not directory and os.path.isdir(path):
+            raise IsADirectoryError(f"{what} {path}: is a directory, expected a file path")
+        ancestor = path if directory else os.path.dirname(path)
+    else:
+        ancestor = os.path.dirname(path)
+        while not os.path.lexists(ancestor):
+            ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise NotADirectoryError(f"{what} {path}: cannot write there ({ancestor} is not a directory)")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise PermissionError(f"{what} {path}: cannot write there ({ancestor} is not writable)")

@@ -26,6 +26,9 @@ import os
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is imported
+if __name__ == "__main__":  # a quiet console: TensorFlow's C++ start-up lines only with --verbosity
+    from iepkt_tf.quiet import import_tensorflow
+    import_tensorflow()
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -33,7 +36,7 @@ from absl import flags  # noqa: E402
 
 from dataloader.datasets import DATASETS, load_dataset  # noqa: E402
 from dataloader.pipeline import eval_dataset  # noqa: E402
-from iepkt_tf.atomic import atomic_open  # noqa: E402
+from iepkt_tf.atomic import atomic_open, check_writable  # noqa: E402
 from iepkt_tf.export import (ERRORS, build_classifier, classes_in, one_line, parse_flags,  # noqa: E402
                              read_params)
 from iepkt_tf.mat_io import MatFileError, ParamsMismatchError  # noqa: E402
@@ -133,10 +136,11 @@ def define_flags(fv):
 def run(fv, log=print):
     """Evaluate as the flags ``fv`` say; returns the result dict (also written to --json)."""
     if fv.json:
-        os.makedirs(os.path.dirname(os.path.abspath(fv.json)), exist_ok=True)
+        check_writable(fv.json, "--json")
+    what = f"--params {fv.params}"
     arrays, scope = read_params(fv.params, fv.scope)
-    data = load_test_set(fv, classes_in(arrays, scope))
-    result = evaluate_params(arrays, fv.arch, scope, data, fv.batch_size)
+    data = load_test_set(fv, classes_in(arrays, scope, what))
+    result = evaluate_params(arrays, fv.arch, scope, data, fv.batch_size, what)
     result["params"] = fv.params
     log(format_result(result))
     if fv.json:

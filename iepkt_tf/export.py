@@ -30,22 +30,23 @@ import sys
 import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is imported
+if __name__ == "__main__":  # a quiet console: TensorFlow's C++ start-up lines only with --verbosity
+    from iepkt_tf.quiet import import_tensorflow
+    import_tensorflow()
 
 import keras  # noqa: E402
-import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from absl import flags  # noqa: E402
 
 from dataloader.preprocessing import normalize  # noqa: E402
-from iepkt_tf.mat_io import (MatFileError, ParamsMismatchError, assign_params,  # noqa: E402
-                              load_mat, resolve_scope)
+from iepkt_tf.mat_io import (MatFileError, ParamsMismatchError, assign_params,  # noqa: E402,F401
+                              check_finite, load_mat, one_line, resolve_scope)
 from nets.base import image_hw  # noqa: E402
 from nets.nets_factory import arch_from_params, get_network  # noqa: E402
 
 FORMATS = ("savedmodel", "keras", "tflite")
 QUANTIZE = ("none", "dynamic")
 ERRORS = (ValueError, OSError, RuntimeError, tf.errors.OpError, flags.Error)
-_LISTED = 5  # names shown per section of a one-line parameter mismatch
 
 
 @keras.saving.register_keras_serializable(package="iepkt_tf")
@@ -80,40 +81,6 @@ class Classifier(keras.Model):
 
 # ---------------------------------------------------------------------------------------------
 # Reading and checking a parameter file (shared with iepkt_tf.evaluate).
-
-def one_line(error):
-    """The message of ``error`` on one line: a line ending in ``:`` opens a section, the indented
-    lines after it are its items (``ParamsMismatchError``'s listings), at most 5 shown;
-    sections are joined by ``; ``."""
-    sections = []  # [title, items]
-    for line in str(error).splitlines():
-        text = line.strip()
-        if not text:
-            continue
-        if text.endswith(":") or not sections or not line[0].isspace():
-            sections.append([text.rstrip(":"), []])
-        else:
-            sections[-1][1].append(text)
-    if not sections:
-        return type(error).__name__
-    parts = []
-    for title, items in sections:
-        shown = items[:_LISTED] + (["..."] if len(items) > _LISTED else [])
-        parts.append(f"{title}: {', '.join(shown)}" if items else title)
-    return "; ".join(parts)
-
-
-def check_finite(arrays, scope, what="--params"):
-    """Raise unless every array under ``scope`` is numeric and finite."""
-    bad = []
-    for name in sorted(k for k in arrays if k.split("/")[0] == scope):
-        a = np.asarray(arrays[name])
-        if a.dtype.kind not in "biufc" or not np.all(np.isfinite(a)):
-            bad.append(name)
-    if bad:
-        shown = ", ".join(bad[:_LISTED]) + (", ..." if len(bad) > _LISTED else "")
-        raise ValueError(f"{what}: {len(bad)} parameter(s) under {scope!r} are not finite numbers: {shown}")
-
 
 def classes_in(arrays, scope, what="--params"):
     """The number of classes: the size of ``<scope>/full/biases``."""
@@ -331,7 +298,8 @@ def run(fv, log=print):
     """Export as the flags ``fv`` say; returns the format written."""
     fmt = check_request(fv.out, fv.format, fv.quantize, fv.overwrite)
     arrays, scope = read_params(fv.params, fv.scope)
-    model = build_classifier(arrays, scope, fv.arch, fv.num_classes, fv.image_size)
+    model = build_classifier(arrays, scope, fv.arch, fv.num_classes, fv.image_size,
+                             what=f"--params {fv.params}")
     export_model(model, fv.out, fmt, fv.quantize, fv.overwrite)
     kind = fmt + (", dynamic-range quantised" if fv.quantize == "dynamic" else "")
     h, w = model.image_size

@@ -15,6 +15,7 @@ import scipy.io as sio
 from iepkt_tf.atomic import atomic_open
 
 _MAX_LISTED = 50
+_LISTED = 5  # names shown per section of a one-line message
 
 
 class ParamsMismatchError(ValueError):
@@ -33,6 +34,9 @@ def load_mat(path, what=None) -> dict[str, np.ndarray]:
     """``scipy.io.loadmat`` without the ``__header__``-style entries; ``what`` (e.g. the flag name)
     prefixes error messages."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise MatFileError(f"{_desc(what, path)}: is a directory, expected a .mat file (e.g. "
+                           f"<train_dir>/train_params.mat)")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{_desc(what, path)}: no such file (expected a .mat written by "
                                 f"the training script, e.g. <train_dir>/train_params.mat)")
@@ -42,6 +46,43 @@ def load_mat(path, what=None) -> dict[str, np.ndarray]:
         reason = " ".join(str(e).split()) or type(e).__name__
         raise MatFileError(f"{_desc(what, path)}: not a readable MATLAB .mat file ({reason})") from None
     return {k: np.asarray(v) for k, v in raw.items() if not k.startswith("__")}
+
+
+def check_finite(arrays, scope=None, what="--params"):
+    """Raise :class:`MatFileError` unless every array under ``scope`` (all if None) is numeric
+    (bool, int, float) and finite: a string, cell or struct entry, or a NaN/Inf, is a damaged file."""
+    bad = []
+    for name in sorted(k for k in arrays if _in_scope(k, scope)):
+        a = np.asarray(arrays[name])
+        if a.dtype.kind not in "biuf" or (a.dtype.kind == "f" and not np.all(np.isfinite(a))):
+            bad.append(name)
+    if bad:
+        where = f" under {scope!r}" if scope is not None else ""
+        shown = ", ".join(bad[:_LISTED]) + (", ..." if len(bad) > _LISTED else "")
+        raise MatFileError(f"{what}: {len(bad)} parameter(s){where} are not finite numbers "
+                           f"(NaN, Inf or non-numeric): {shown}")
+
+
+def one_line(error):
+    """The message of ``error`` on one line: a line ending in ``:`` opens a section, the indented
+    lines after it are its items (``ParamsMismatchError``'s listings), at most 5 shown;
+    sections are joined by ``; ``."""
+    sections = []  # [title, items]
+    for line in str(error).splitlines():
+        text = line.strip()
+        if not text:
+            continue
+        if text.endswith(":") or not sections or not line[0].isspace():
+            sections.append([text.rstrip(":"), []])
+        else:
+            sections[-1][1].append(text)
+    if not sections:
+        return type(error).__name__
+    parts = []
+    for title, items in sections:
+        shown = items[:_LISTED] + (["..."] if len(items) > _LISTED else [])
+        parts.append(f"{title}: {', '.join(shown)}" if items else title)
+    return "; ".join(parts)
 
 
 def save_mat(path, arrays) -> None:

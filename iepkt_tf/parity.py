@@ -31,7 +31,11 @@ are not compared, nor intermediates our API does not expose (``s_all``, ``ipca_s
 
 Output: one row per quantity (name, max abs err, max rel err, tolerance, PASS/FAIL), then a line
 ``N passed, M failed``. The exit status is 1 when a comparison fails and 2 when a fixture cannot
-be read (one line on stderr naming the file). ``run_parity(dir)`` returns the rows.
+be read (one line on stderr naming the file). A fixture is unreadable when it is not an ``.npz``,
+``__meta__`` is not a JSON object, an array is non-numeric (strings only for ``branch``) or
+non-finite, a check cannot use its arrays, or, with a ``manifest.json`` beside the fixtures, a key
+is missing or has another shape or dtype than the manifest lists. ``run_parity(dir)`` returns the
+rows.
 """
 from __future__ import annotations
 
@@ -47,6 +51,11 @@ FWD_TOL = 1e-4
 STATE_TOL = 1e-3
 GRAD_TOL = 1e-3
 ZERO_GRAD_ABS_TOL = 1e-7
+
+# Keys whose reference is a string (README, a_svd_eid: ``branch``); every other array is numeric.
+STRING_SUFFIXES = ("/branch",)
+MANIFEST = "manifest.json"   # beside the fixtures: every file's keys with shape and dtype
+ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")   # an .npz is a zip archive (an empty one: the second)
 
 KINDS = {"a": "svd", "b": "plane", "c": "pca", "d": "mpnn", "e": "mhgd", "f": "kld", "g": "eki",
          "h": "wresnet"}
@@ -102,23 +111,87 @@ def compare_equal(name, got, ref):
     return Row(name, err, err, 0.0, "abs", same, note)
 
 
-class Fixture:
-    """The arrays of one ``.npz`` fixture, read eagerly; a missing key is a FixtureError."""
+def _listed(keys, limit=5):
+    return ", ".join(keys[:limit]) + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
 
-    def __init__(self, path):
+
+class Fixture:
+    """The arrays of one ``.npz`` fixture, read eagerly and checked: numeric arrays (strings only
+    under :data:`STRING_SUFFIXES`), all finite, ``__meta__`` a JSON object, and, when a manifest
+    entry is given, every key with the manifest's shape and dtype. A missing key is a FixtureError."""
+
+    def __init__(self, path, manifest=None):
         self.path = pathlib.Path(path)
+        try:
+            with open(self.path, "rb") as f:
+                magic = f.read(4)
+        except OSError as e:
+            raise FixtureError(f"{self.path}: cannot read it ({e.strerror or e})") from None
+        if magic not in ZIP_MAGIC:
+            raise FixtureError(f"{self.path}: not an .npz archive (expected a zip of .npy arrays, "
+                               f"the format of tests/fixtures/README.md)")
         try:
             with np.load(self.path, allow_pickle=False) as f:
                 self.arrays = {k: f[k] for k in f.files}
-        except Exception as e:  # BadZipFile, OSError, ValueError, zlib.error, ...
-            raise FixtureError(f"{self.path}: unreadable fixture ({type(e).__name__}: {e})") from e
+        except Exception as e:  # BadZipFile, OSError, ValueError, zlib.error, EOFError, ...
+            reason = " ".join(str(e).split())
+            raise FixtureError(f"{self.path}: unreadable fixture ({type(e).__name__}: {reason})") from None
         if "__meta__" not in self.arrays:
             raise FixtureError(f"{self.path}: no __meta__ key (not a fixture in the documented format)")
         try:
             self.meta = json.loads(str(self.arrays["__meta__"]))
         except ValueError as e:
-            raise FixtureError(f"{self.path}: __meta__ is not valid JSON ({e})") from e
+            raise FixtureError(f"{self.path}: __meta__ is not valid JSON ({e})") from None
+        if not isinstance(self.meta, dict):
+            raise FixtureError(f"{self.path}: __meta__ must be a JSON object, got "
+                               f"{type(self.meta).__name__}")
         self.stem = self.path.stem
+        self._check_arrays()
+        if manifest is not None:
+            self._check_manifest(manifest)
+
+    def _check_arrays(self):
+        strings, objects, nonfinite = [], [], []
+        for key, a in sorted(self.arrays.items()):
+            if key == "__meta__":
+                continue
+            if a.dtype.kind in "US":
+                if not key.endswith(STRING_SUFFIXES):
+                    strings.append(f"{key} ({a.dtype})")
+            elif a.dtype.kind not in "biuf":
+                objects.append(f"{key} ({a.dtype})")
+            elif a.dtype.kind == "f" and not np.all(np.isfinite(a)):
+                nonfinite.append(key)
+        if strings or objects:
+            raise FixtureError(f"{self.path}: expected numeric arrays, got strings or other "
+                               f"dtypes in {_listed(strings + objects)}")
+        if nonfinite:
+            raise FixtureError(f"{self.path}: non-finite values (NaN/Inf) in {_listed(nonfinite)}; "
+                               f"fixtures hold finite numbers")
+
+    def _check_manifest(self, entry):
+        keys = entry.get("keys") if isinstance(entry, dict) else None
+        if not isinstance(keys, dict):
+            raise FixtureError(f"{MANIFEST}: the entry of {self.path.name} has no 'keys' object")
+        missing = sorted(set(keys) - set(self.arrays))
+        if missing:
+            raise FixtureError(f"{self.path}: {len(missing)} key(s) listed in {MANIFEST} are "
+                               f"missing: {_listed(missing)}")
+        wrong = []
+        for key, spec in sorted(keys.items()):
+            if key == "__meta__":
+                continue
+            try:
+                shape, dtype = tuple(int(d) for d in spec[0]), np.dtype(spec[1])
+            except (TypeError, ValueError, IndexError):
+                raise FixtureError(f"{MANIFEST}: {self.path.name} key {key!r} has no "
+                                   f"[shape, dtype] entry, got {spec!r}") from None
+            a = self.arrays[key]
+            if a.shape != shape or a.dtype != dtype:
+                wrong.append(f"{key} is {a.dtype}{list(a.shape)}, expected {dtype}{list(shape)}")
+        if wrong:
+            raise FixtureError(f"{self.path}: {len(wrong)} key(s) differ from {MANIFEST}: "
+                               f"{_listed(wrong, 3)}")
 
     def __getitem__(self, key):
         try:
@@ -207,8 +280,12 @@ def check_svd(fix):
 def check_plane(fix):
     from iepkt_tf.plane_mapping import plane_mapping
 
-    rows = [fix.row(f"{case}/y", plane_mapping(fix[f"{case}/x"]), FWD_TOL)
-            for case in sorted(k[:-2] for k in fix.keys(suffix="/x"))]
+    rows = []
+    for case in sorted(k[:-2] for k in fix.keys(suffix="/x")):
+        x = fix[f"{case}/x"]
+        if x.ndim != 2:
+            raise FixtureError(f"{fix.path}: {case}/x must be [B,D], got shape {x.shape}")
+        rows.append(fix.row(f"{case}/y", plane_mapping(x), FWD_TOL))
     if not rows:
         raise FixtureError(f"{fix.path}: no '<case>/x' keys")
     return rows
@@ -530,7 +607,7 @@ def _mat_path(fix):
 
 def check_wresnet(fix):
     import tensorflow as tf
-    from iepkt_tf.mat_io import ParamsMismatchError, assign_params, load_mat
+    from iepkt_tf.mat_io import ParamsMismatchError, assign_params, check_finite, load_mat
     from nets.nets_factory import keep_rate_for
     from nets.wresnet import WResNet
 
@@ -578,6 +655,7 @@ def check_wresnet(fix):
     if mat is not None:
         try:
             arrays = load_mat(mat, what=f"{fix.path} companion")
+            check_finite(arrays, "Student", what=f"{fix.path} companion {mat}")
         except (OSError, ValueError) as e:
             raise FixtureError(" ".join(str(e).split())) from None
         twin = build("Student", "student", True)
@@ -617,38 +695,64 @@ def kind_of(path):
     return KINDS[prefix]
 
 
-def run_file(path):
-    """Rows for one fixture file; FixtureError if it is unreadable or not in the documented format."""
+def run_file(path, manifest=None):
+    """Rows for one fixture file; FixtureError if it is unreadable or not in the documented format.
+    ``manifest``: the file's entry of ``manifest.json`` (keys, shapes, dtypes), checked if given."""
+    import tensorflow as tf
+
     kind = kind_of(path)
-    fix = Fixture(path)
+    fix = Fixture(path, manifest)
     if fix.meta.get("kind", kind) != kind:
         raise FixtureError(f"{path}: name says kind {kind!r} but __meta__ says {fix.meta.get('kind')!r}")
     try:
         return CHECKS[kind](fix)
     except FixtureError:
         raise
-    except (ValueError, KeyError, IndexError) as e:
+    except (ValueError, KeyError, IndexError, TypeError, tf.errors.OpError) as e:
+        # Arrays of shapes or types the check cannot use (the message says which operation).
+        reason = e.message if isinstance(e, tf.errors.OpError) else str(e)
         raise FixtureError(f"{path}: cannot run the {kind!r} check ({type(e).__name__}: "
-                           f"{' '.join(str(e).split())})") from e
+                           f"{' '.join(reason.split())[:300]})") from None
 
 
 def fixture_files(directory):
     directory = pathlib.Path(directory)
     if not directory.is_dir():
-        raise FixtureError(f"{directory}: not a directory")
+        why = "it is a file" if directory.exists() else "no such path"
+        raise FixtureError(f"--fixtures {directory}: not a directory ({why}); expected a directory "
+                           f"of fixture files (*.npz)")
     files = sorted(directory.glob("*.npz"))
     if not files:
-        raise FixtureError(f"{directory}: no fixture files (*.npz)")
+        raise FixtureError(f"--fixtures {directory}: no fixture files (*.npz)")
     return files
+
+
+def read_manifest(directory):
+    """``manifest.json`` of ``directory`` (``{file name: {"keys": {key: [shape, dtype]}}}``), or
+    None without one; FixtureError if it is damaged."""
+    path = pathlib.Path(directory) / MANIFEST
+    if not path.exists():
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise FixtureError(f"{path}: not a readable JSON manifest ({' '.join(str(e).split())})") from None
+    if not isinstance(manifest, dict):
+        raise FixtureError(f"{path}: expected a JSON object {{file name: entry}}, got "
+                           f"{type(manifest).__name__}")
+    return manifest
 
 
 def run_parity(directory, errors=None):
     """Rows for every fixture in ``directory``. An unreadable fixture raises FixtureError, or, if
     ``errors`` is a list, is appended to it as a one-line message and skipped."""
     rows = []
-    for path in fixture_files(directory):
+    files = fixture_files(directory)
+    manifest = read_manifest(directory) or {}
+    for path in files:
         try:
-            rows += run_file(path)
+            rows += run_file(path, manifest.get(path.name))
         except FixtureError as e:
             if errors is None:
                 raise
@@ -683,4 +787,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    from iepkt_tf.quiet import import_tensorflow
+
+    import_tensorflow()  # TensorFlow's C++ start-up lines only with --verbosity
     sys.exit(main())

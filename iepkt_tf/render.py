@@ -92,12 +92,6 @@ FONT = {ch: np.array([[c == "1" for c in row] for row in rows.split()], dtype=bo
         for ch, rows in _FONT_ROWS.items()}
 
 
-def text_size(text, scale=2):
-    """(height, width) in pixels of ``text`` drawn by :func:`draw_text`."""
-    n = len(str(text))
-    return 7 * scale, max(0, 6 * scale * n - scale)
-
-
 def draw_text(image, text, row, col, color=(20, 20, 20), scale=2):
     """Draw ``text`` (upper-cased; unknown characters as '?') into ``image`` in place, top-left at
     (row, col); pixels outside the image are clipped."""

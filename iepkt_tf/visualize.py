@@ -27,6 +27,12 @@ CLI::
   python -m iepkt_tf.visualize --params train_params.mat --out_dir vis/  [--teacher_params T.mat]
   python -m iepkt_tf.visualize --run_dir <train_dir> --out_dir vis/      (one frame per epoch + GIFs)
 
+Every .mat input (all snapshots of ``--run_dir`` included) is read and checked (a readable .mat,
+finite numbers, a network scope) before the first picture is written; a damaged or missing input,
+a damaged dataset file or an unwritable ``--out_dir`` is one line ``visualize: error: ...`` on
+stderr and exit status 2. (A snapshot whose arrays do not fit the network is found when its frame
+is drawn; the frames before it are complete files.)
+
 ``--run_dir`` reads epoch snapshots ``params_epoch_XXX.mat`` (or ``epoch_XXX.mat``) from
 ``<run_dir>/vis/`` or ``<run_dir>/``: each holds the main network's TF1 variables (the authors'
 ``train_params.mat`` layout) and, for an IEP run, the ``Distillation/...`` variables. Frames keep a
@@ -505,15 +511,17 @@ def config(**overrides):
     return types.SimpleNamespace(**values)
 
 
-def _define_flags():
+def _define_flags(fv=None):
+    """Define the CLI flags on ``fv`` (absl FlagValues; default the global FLAGS); returns it."""
     from absl import flags
 
+    fv = flags.FLAGS if fv is None else fv
     for name, (kind, default, doc) in FLAGS_SPEC.items():
         if kind == "enum":
-            flags.DEFINE_enum(name, default, list(SPLITS), doc)
+            flags.DEFINE_enum(name, default, list(SPLITS), doc, flag_values=fv)
         else:
-            getattr(flags, f"DEFINE_{kind}")(name, default, doc)
-    return flags.FLAGS
+            getattr(flags, f"DEFINE_{kind}")(name, default, doc, flag_values=fv)
+    return fv
 
 
 def _load_sample(cfg):
@@ -563,9 +571,27 @@ def _pad_to(frames):
     return out
 
 
+def _read_params(path, what):
+    """The arrays of a parameter .mat (:func:`~iepkt_tf.mat_io.load_mat`), every one checked to be
+    a finite number (a damaged file is an error here, not a garbage picture)."""
+    from iepkt_tf.mat_io import check_finite, load_mat
+
+    arrays = load_mat(path, what=what)
+    check_finite(arrays, None, f"{what} {path}")
+    return arrays
+
+
+def _snapshot_what(epoch, path):
+    return "--params" if epoch is None else "--run_dir snapshot"
+
+
 def visualize(cfg, log=print):
-    """Run the CLI with a flags-like object ``cfg``; returns the list of written files."""
-    from iepkt_tf.mat_io import load_mat, resolve_scope, scopes_in
+    """Run the CLI with a flags-like object ``cfg``; returns the list of written files.
+
+    Every input file is read and checked before the first output is written, so a damaged
+    snapshot (or flag) leaves ``--out_dir`` as it was."""
+    from iepkt_tf.atomic import check_writable
+    from iepkt_tf.mat_io import resolve_scope, scopes_in
 
     if not cfg.out_dir:
         raise ValueError("--out_dir is required")
@@ -590,21 +616,31 @@ def visualize(cfg, log=print):
                                     f"vis/params_epoch_XXX.mat or epoch_XXX.mat)")
     else:
         snaps = [(None, cfg.params)]
+    check_writable(cfg.out_dir, "--out_dir", directory=True)
+    for epoch, path in snaps:   # all snapshots readable before any frame is drawn
+        what = _snapshot_what(epoch, path)
+        resolve_scope(_read_params(path, what), cfg.scope, f"{what} {path}")
+    extra_dist = _read_params(cfg.distiller_params, "--distiller_params") if cfg.distiller_params else {}
+    if cfg.distiller_params:
+        extra_dist = {k: v for k, v in extra_dist.items() if k.startswith("Distillation/")}
+        if not extra_dist:
+            raise ValueError(f"--distiller_params {cfg.distiller_params}: no Distillation/... "
+                             f"variables in the file (expected the state of an IEP run)")
+    t_arrays = _read_params(cfg.teacher_params, "--teacher_params") if cfg.teacher_params else None
 
     images, labels, num_classes = _load_sample(cfg)
     teacher_feats = None
     if cfg.teacher_params:
-        t_arrays = load_mat(cfg.teacher_params, what="--teacher_params")
+        what = f"--teacher_params {cfg.teacher_params}"
         teacher = build_network(t_arrays, resolve_scope(t_arrays, "Teacher" if "Teacher" in
-                                                        scopes_in(t_arrays) else "", "--teacher_params"),
-                                cfg.teacher_arch, num_classes, images.shape[1:], "--teacher_params")
+                                                        scopes_in(t_arrays) else "", what),
+                                cfg.teacher_arch, num_classes, images.shape[1:], what)
         teacher_feats = run_features(teacher, images, cfg.batch_size)
-    extra_dist = load_mat(cfg.distiller_params, what="--distiller_params") if cfg.distiller_params else {}
 
     listing, frames, notes, prev, model, model_key = [], {}, {}, None, None, None
     for epoch, path in snaps:
-        what = "--params" if epoch is None else path
-        arrays = load_mat(path, what=what)
+        arrays = _read_params(path, _snapshot_what(epoch, path))
+        what = f"{_snapshot_what(epoch, path)} {path}"
         scope = resolve_scope(arrays, cfg.scope, what)
         arch_key = (scope, cfg.arch or None)
         if model is None or model_key != arch_key:
@@ -624,7 +660,8 @@ def visualize(cfg, log=print):
             src = teacher_feats if teacher_feats is not None else feats
             t_ch = [int(src[k].shape[-1]) for k in IEP_POINTS]
             s_ch = [int(feats[k].shape[-1]) for k in IEP_POINTS] if teacher_feats is not None else None
-            distiller = build_distiller(dist_arrays, t_ch, s_ch, cfg.mpnn_iter, cfg.distiller_params or what,
+            distiller = build_distiller(dist_arrays, t_ch, s_ch, cfg.mpnn_iter,
+                                        f"--distiller_params {cfg.distiller_params}" if cfg.distiller_params else what,
                                         adapter=getattr(cfg, "adapter", "bn_relu"))
         caption = "" if epoch is None else f"EPOCH {epoch:03d}"
         panels = make_panels(images, labels, feats, teacher_feats, distiller, points, reference=prev,
@@ -658,20 +695,33 @@ def visualize(cfg, log=print):
     return listing
 
 
-def main(argv):
+def main(argv=None):
+    """The command line: ``argv`` (flags only; default ``sys.argv[1:]``) -> exit status. Bad
+    flags and damaged or missing inputs are one line ``visualize: error: ...`` on stderr and exit
+    status 2."""
+    import tensorflow as tf
     from absl import flags
 
-    del argv
+    from iepkt_tf.mat_io import one_line
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    fv = _define_flags(flags.FlagValues())
+    if any(a in ("-h", "--help", "--helpshort", "--helpfull") for a in argv):
+        print(__doc__.strip() + "\n\nflags:\n" + fv.get_help())
+        return 0
     try:
-        visualize(flags.FLAGS)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        rest = fv(["visualize"] + argv)
+        if len(rest) > 1:
+            raise ValueError(f"unexpected arguments {rest[1:]} (all options are --flags)")
+        visualize(fv)
+    except (flags.Error, ValueError, OSError, tf.errors.OpError) as e:
+        print(f"visualize: error: {one_line(e)}", file=sys.stderr)
+        return 2
     return 0
 
 
 if __name__ == "__main__":
-    from absl import app
+    from iepkt_tf.quiet import import_tensorflow
 
-    _define_flags()
-    app.run(lambda argv: sys.exit(main(argv)))
+    import_tensorflow()  # TensorFlow's C++ start-up lines only with --verbosity
+    sys.exit(main())
