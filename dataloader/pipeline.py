@@ -51,15 +51,6 @@ def subsample(labels, rate, seed):
     return np.sort(np.concatenate(keep)).astype(np.int64)
 
 
-def subsample_dataset(dataset, rate, seed):
-    """``dataset`` with its training split cut to :func:`subsample` (test split untouched)."""
-    keep = subsample(dataset.train_labels, rate, seed)
-    if len(keep) == len(dataset.train_labels):
-        return dataset
-    return dataclasses.replace(dataset, train_images=dataset.train_images[keep],
-                               train_labels=dataset.train_labels[keep])
-
-
 def steps_per_epoch(n, batch_size):
     """Full batches per epoch (the remainder is dropped); errors if ``batch_size > n``."""
     _check_int("--batch_size", batch_size, 1)
@@ -80,8 +71,9 @@ def epoch_permutation(n, seed, epoch):
     return np.random.default_rng(_epoch_stream(seed, epoch, _PERMUTATION)).permutation(n)
 
 
-def train_dataset(images, labels, batch_size, seed, epoch):
-    """One shuffled, augmented, normalised epoch: batches of (float32 [B,H,W,3], int32 [B]).
+def train_dataset(images, labels, batch_size, seed, epoch, start_batch=0):
+    """One shuffled, augmented, normalised epoch: batches of (float32 [B,H,W,3], int32 [B]),
+    from batch ``start_batch`` on (a run resumed inside an epoch gets the same later batches).
 
     ``images`` uint8 ``[N,H,W,3]`` (numpy or a tf.Tensor; pass a tensor to skip the per-call
     conversion), ``labels`` ``[N]``. Order: :func:`epoch_permutation`; image ``i`` is augmented with
@@ -104,7 +96,7 @@ def train_dataset(images, labels, batch_size, seed, epoch):
         image = augment(tf.gather(images, i), tf.stack([tf.constant(key, tf.int64), i]))
         return normalize(image), tf.gather(labels, i)
 
-    ds = tf.data.Dataset.from_tensor_slices(order.astype(np.int64))
+    ds = tf.data.Dataset.from_tensor_slices(order.astype(np.int64)[int(start_batch) * batch_size:])
     ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 

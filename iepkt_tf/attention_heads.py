@@ -93,6 +93,19 @@ def drop_head(g, noise):
     return g * tf.cast(keep, g.dtype)
 
 
+# Offset folded into a step's seed for the drop-head noise (the dropout masks use 1).
+NOISE_STREAM = 2
+
+
+def drop_head_noise(num_modules, num_head, batch, seed):
+    """Stateless drop-head noise ``[num_head, B, 1]`` per module (the authors' ``tf.random.normal``
+    in ``drop_head``), from the step's ``seed`` (int64 ``[2]``)."""
+    base = tf.random.experimental.stateless_fold_in(seed, NOISE_STREAM)
+    return [tf.random.stateless_normal([int(num_head), batch, 1],
+                                       seed=tf.random.experimental.stateless_fold_in(base, i))
+            for i in range(num_modules)]
+
+
 class Estimator(keras.layers.Layer):
     """``Estimator(X=x_f, G=heads, Dy, ...)``: ``call(x_f, heads, extrinsic, noise, training)`` -> ``[B,Dy]``.
 

@@ -3,16 +3,18 @@
 On random data, in one process, the benchmark times the steps users run (op_util.train_steps):
 
 =========  ==================================================================================
-student    student-only training (``make_plain_step``: forward, cross-entropy backward, update)
+student    student-only training (``make_main_step`` of ``--Distillation None``: forward,
+           cross-entropy backward, update)
 floor      teacher forward in inference mode + student training (the floor of any distillation)
-main       IEP main-phase step (``make_iep_main_step``: teacher forward, student forward, four
-           student backward passes (cross-entropy and each separately clipped distillation loss)
-bare       ``make_iep_main_step`` with a free distiller: the same step code (forwards, four
-           backward passes, clipping, update), the three distillation losses replaced by
-           stand-ins linear in the student's sensing-point maps (no PCA, MPNN or heads) -- what
-           ``main`` costs the networks alone, so ``main - bare`` is the distiller's share
-init       IEP initial-phase step (``make_iep_init_step``: teacher forward, module training,
-           incremental-PCA update)
+main       the main-phase step of ``--Distillation`` (default IEP: teacher forward, student
+           forward, four student backward passes: cross-entropy and each separately clipped
+           distillation loss)
+bare       (IEP) the same step code with a stand-in method (forwards, four backward passes,
+           clipping, update), the three distillation losses replaced by stand-ins linear in the
+           student's sensing-point maps (no PCA, MPNN or heads) -- what ``main`` costs the
+           networks alone, so ``main - bare`` is the distiller's share
+init       the method's initial-phase step (IEP: teacher forward, module training,
+           incremental-PCA update; only for methods with an initial phase)
 infer      student inference (``make_eval_step``)
 =========  ==================================================================================
 
@@ -32,12 +34,14 @@ Host memory: resident set size sampled after every round (``/proc/self/statm``, 
 peak ``resource.getrusage(RUSAGE_SELF).ru_maxrss``; ``rss_growth_mb`` is the change from the end of
 warm-up to the end, ``rss_slope_mb_per_100_rounds`` the least-squares slope over the timed rounds.
 
+Bad flags and an unwritable ``--json`` (checked before the first step) are one line
+``benchmark: error: ...`` on stderr and exit status 2; ``--json`` is written atomically.
+
 ``default_precision()`` and ``default_jit()`` are the per-device defaults chosen from these
 measurements, for ``--precision auto`` / ``--jit auto`` here and in train_w_distill.
 """
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import platform
@@ -46,15 +50,17 @@ import statistics
 import sys
 import time
 
-if __name__ == "__main__":
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")   # before TensorFlow is imported
+if __name__ == "__main__":  # a quiet console: TensorFlow's C++ start-up lines only with --verbosity
+    from iepkt_tf.quiet import import_tensorflow
+    import_tensorflow()
 
 import keras
 import tensorflow as tf
-from absl import app, flags
+from absl import flags
 
-from iepkt_tf.atomic import atomic_open
-from iepkt_tf.iep import IEPDistiller
+from iepkt_tf.atomic import atomic_open, check_writable
+from iepkt_tf.distillers import METHODS
+from iepkt_tf.distillers.base import Distiller
 from nets.nets_factory import DEFAULT_ARCH, get_network, parse_arch
 from op_util import train_steps as ts
 from op_util.device import cpu_flags, cpu_has_bf16, default_jit, default_precision
@@ -232,12 +238,16 @@ def _slope(ys):
 
 
 # --------------------------------------------------------------------------- the parts
-def _parse_parts(parts):
+def _parse_parts(parts, distillation="IEP"):
+    """The canonical list of parts; ``all`` leaves out ``init`` for a method without an initial
+    phase and ``bare`` (IEP's stand-in) for other methods than IEP."""
     if isinstance(parts, str):
         parts = [p for p in parts.split(",")]
     parts = [p.strip() for p in parts if p.strip()]
     if not parts or parts == ["all"]:
-        return list(PARTS)
+        method = METHODS[distillation]
+        return [p for p in PARTS if not (p == "init" and not method.default_init_epoch)
+                and not (p == "bare" and distillation != "IEP")]
     bad = [p for p in parts if p not in PARTS]
     if bad:
         raise ValueError(f"--parts: unknown part(s) {bad}; expected a comma list of {list(PARTS)} "
@@ -256,32 +266,30 @@ def _parse_grad_methods(methods):
 
 def _make_floor_step(teacher, plain_step, jit_compile):
     """Teacher forward (inference) + the real student training step, as one ``tf.function``."""
-    def step(images, labels, lr, seed):
+    def step(images, labels, lr, warm, seed):
         t_logits, _ = teacher(images, training=False)
-        out = dict(plain_step(images, labels, lr, seed))
+        out = dict(plain_step(images, labels, lr, warm, seed))
         out["teacher_logits_sum"] = tf.reduce_sum(t_logits)   # keeps the teacher pass alive
         return out
 
     return tf.function(step, reduce_retracing=True, jit_compile=bool(jit_compile))
 
 
-class _FreeDistiller:
-    """Part ``bare``: stands in for ``IEPDistiller`` in ``make_iep_main_step`` (the same step code),
-    with ``k_alt, k_int, k_bb = sum_l mean(S_l) * (k + 1) * mean(T_l)`` over the sensing points:
+class _FreeMethod(Distiller):
+    """Part ``bare``: an IEP-shaped method (clip rule, three terms clipped one by one) with
+    ``k_alt, k_int, k_bb = sum_l mean(S_l) * (k + 1) * mean(T_l)`` over the sensing points 1-3:
     each still takes its own backward pass through the student, but no PCA, MPNN or heads."""
+    name = "bare"
+    grad_rule = "clip"
 
-    use_k_alt = use_k_int = use_k_bb = True
-
-    @staticmethod
-    def adapter_variables():
-        return []
-
-    @staticmethod
-    def distill_losses(student_feats, teacher_feats):
-        s = [tf.reduce_mean(tf.cast(f, tf.float32)) for f in student_feats]
-        t = [tf.reduce_mean(tf.cast(f, tf.float32)) for f in teacher_feats]
+    def main_losses(self, student, teacher, labels, seed):
+        s = [tf.reduce_mean(tf.cast(f, tf.float32)) for f in student.feats[1:4]]
+        t = [tf.reduce_mean(tf.cast(f, tf.float32)) for f in teacher.feats[1:4]]
         return {k: tf.add_n([a * (i + 1.0) * b for a, b in zip(s, t)])
                 for i, k in enumerate(("k_alt", "k_int", "k_bb"))}
+
+    def clip_groups(self, terms):
+        return {k: (k,) for k in terms}
 
 
 def _make_forward_fn(model):
@@ -293,20 +301,8 @@ def _make_forward_fn(model):
     return forward
 
 
-def _main_step_kwargs(make_main, grad_method):
-    if "grad_method" in inspect.signature(make_main).parameters:
-        return {"grad_method": grad_method}
-    if grad_method not in ("auto", "separate"):
-        raise ValueError(f"--grad_method {grad_method}: op_util.train_steps.make_iep_main_step "
-                         "takes no grad_method argument (it computes the per-loss gradients "
-                         "separately); use --grad_method auto or separate")
-    return {}
-
-
 def _effective_grad_method(method):
     """What the main step really does for ``--grad_method method``."""
-    if "grad_method" not in inspect.signature(ts.make_iep_main_step).parameters:
-        return "separate"   # train_steps takes one tape.gradient per loss
     return DEFAULT_METHOD if method == "auto" else method
 
 
@@ -314,26 +310,25 @@ def build_parts(cfg):
     """Networks, optimiser and the compiled step of every part in ``cfg["parts"]``.
 
     Returns ``(steps, context)``: ``steps[part] = (tf.function, args_of_round(r))`` and
-    ``context`` the networks, the distiller, the initial-phase step and the random batch.
+    ``context`` the networks, the method, the initial-phase step and the random batch.
     """
+    from iepkt_tf.distillers import build
 
     parts = cfg["parts"]
     jit, jit_iep = cfg["jit_compile"]["plain"], cfg["jit_compile"]["iep"]
     b, size, ncls = cfg["batch_size"], cfg["image_size"], cfg["num_classes"]
     student = get_network(cfg["student_arch"], ncls, "Student", size, True)
+    need_method = any(p in parts for p in ("main", "init"))
     need_teacher = any(p in parts for p in ("floor", "main", "bare", "init"))
-    need_iep = any(p in parts for p in ("main", "init"))
     teacher = get_network(cfg["teacher_arch"], ncls, "Teacher", size, False) if need_teacher else None
-    distiller = None
-    named = {n: v for n, v in student.tf1_variables().items() if v.trainable}
-    if need_iep:
-        distiller = IEPDistiller(teacher.feature_channels[1:4], student.feature_channels[1:4])
-        by_id = {id(v): n for n, v in distiller.tf1_variables().items()}
-        for v in list(distiller.module_variables()) + list(distiller.adapter_variables()):
-            named[by_id[id(v)]] = v
-    optimizer = NesterovMomentum(named, momentum=0.9)
+    plain = build("None", student, None)
+    method = build(cfg["distillation"], student, teacher, image_size=(size, size)) if need_method else plain
+    if need_method and "init" in parts and not method.default_init_epoch:
+        raise ValueError(f"--parts init: --Distillation {cfg['distillation']} has no initial phase")
+    optimizer = NesterovMomentum(ts.optimizer_variables(student, method), momentum=0.9)
     loss_scale = DynamicLossScale() if cfg["precision"] == "mixed_float16" else None
     wd = 5e-4
+    kw = dict(loss_scale=loss_scale)
 
     images = tf.random.stateless_normal([b, size, size, 3], seed=[cfg["seed"], 1])
     labels = tf.random.stateless_uniform([b], seed=[cfg["seed"], 2], minval=0, maxval=ncls,
@@ -344,38 +339,37 @@ def build_parts(cfg):
     def seed_of(r):
         return ts.step_seed(cfg["seed"], r)
 
+    def train_args(r):
+        return images, labels, lr, warm, seed_of(r)
+
     steps = {}
     if "student" in parts:
-        fn = ts.make_plain_step(student, optimizer, wd, loss_scale=loss_scale, jit_compile=jit)
-        steps["student"] = (fn, lambda r: (images, labels, lr, seed_of(r)))
+        steps["student"] = (ts.make_main_step(plain, student, None, optimizer, wd, jit_compile=jit, **kw),
+                            train_args)
     if "floor" in parts:
-        plain = ts.make_plain_step(student, optimizer, wd, loss_scale=loss_scale, jit_compile=jit)
-        fn = _make_floor_step(teacher, plain, jit)
-        steps["floor"] = (fn, lambda r: (images, labels, lr, seed_of(r)))
+        inner = ts.make_main_step(plain, student, None, optimizer, wd, jit_compile=jit, **kw)
+        steps["floor"] = (_make_floor_step(teacher, inner, jit), train_args)
     init = None
-    if need_iep:
-        init = ts.make_iep_init_step(teacher, distiller, optimizer, wd_module=wd,
-                                     loss_scale=loss_scale, jit_compile=jit_iep)
+    if need_method and method.default_init_epoch:
+        init = ts.make_init_step(method, student, teacher, optimizer, wd, jit_compile=jit_iep, **kw)
     if "main" in parts:
         # The first --grad_method is part "main"; every further one adds "main[<method>]".
-        for i, method in enumerate(cfg["grad_method"]):
-            fn = ts.make_iep_main_step(student, teacher, distiller, optimizer, wd,
-                                       loss_scale=loss_scale, jit_compile=jit_iep,
-                                       **_main_step_kwargs(ts.make_iep_main_step, method))
-            steps["main" if i == 0 else f"main[{method}]"] = (
-                fn, lambda r: (images, labels, lr, warm, seed_of(r)))
+        for i, grad_method in enumerate(cfg["grad_method"]):
+            fn = ts.make_main_step(method, student, teacher, optimizer, wd, jit_compile=jit_iep,
+                                   grad_method=grad_method, **kw)
+            steps["main" if i == 0 else f"main[{grad_method}]"] = (fn, train_args)
     if "bare" in parts:
-        fn = ts.make_iep_main_step(student, teacher, _FreeDistiller(), optimizer, wd,
-                                   loss_scale=loss_scale, jit_compile=jit_iep,
-                                   **_main_step_kwargs(ts.make_iep_main_step, "separate"))
-        steps["bare"] = (fn, lambda r: (images, labels, lr, warm, seed_of(r)))
+        fn = ts.make_main_step(_FreeMethod(student, teacher, {}), student, teacher, optimizer, wd,
+                               jit_compile=jit_iep, grad_method="separate", **kw)
+        steps["bare"] = (fn, train_args)
     if "init" in parts:
         steps["init"] = (init, lambda r: (images, labels, lr, seed_of(r)))
     if "infer" in parts:
         fn = ts.make_eval_step(student, jit_compile=jit)
         steps["infer"] = (fn, lambda r: (images, labels))
-    models = {"student": student, "teacher": teacher, "distiller": distiller, "init_step": init,
-              "images": images, "labels": labels, "lr": lr, "seed_of": seed_of}
+    layer = method.panel_layer()
+    models = {"student": student, "teacher": teacher, "method": method, "init_step": init,
+              "distiller": layer, "images": images, "labels": labels, "lr": lr, "seed_of": seed_of}
     return steps, models
 
 
@@ -455,6 +449,7 @@ def run_benchmark(cfg, log=print):
                                               else "plain"] for p in names},
             "jit_flag": cfg["jit_flag"],
             "grad_method": [_effective_grad_method(m) for m in cfg["grad_method"]],
+            "distillation": cfg["distillation"],
             "loss_scale": cfg["precision"] == "mixed_float16",
             "device": device, "gpus": [d.name for d in tf.config.list_physical_devices("GPU")],
             "cpu_bf16": cpu_has_bf16(), "cpu_amx": bool(cpu_flags() & {"amx_bf16", "amx_tile"}),
@@ -566,6 +561,10 @@ def define_flags(flag_values):
                       f"{', '.join(GRAD_METHODS)}, if the main step takes the argument. A comma "
                       "list times one main step per method, the extra ones as parts "
                       "'main[<method>]'.", flag_values=fv)
+    flags.DEFINE_enum("Distillation", "IEP", [m for m in METHODS if m != "None"],
+                      "The method whose steps parts main and init time (init only for a method "
+                      "with an initial phase); student/floor/infer do not depend on it.",
+                      flag_values=fv)
     flags.DEFINE_list("parts", ["all"], "Comma list of parts to time: " + ", ".join(PARTS) +
                       " (or all).", flag_values=fv)
     flags.DEFINE_string("json", None, "Write the results to this JSON file (atomically).",
@@ -589,7 +588,8 @@ def config_from_flags(fv):
             "jit_compile": {"plain": resolve_jit(fv.jit), "iep": resolve_jit(fv.jit, True)},
             "precision_flag": fv.precision,
             "precision": precision,
-            "parts": _parse_parts(fv.parts), "grad_method": _parse_grad_methods(fv.grad_method),
+            "distillation": fv.Distillation,
+            "parts": _parse_parts(fv.parts, fv.Distillation), "grad_method": _parse_grad_methods(fv.grad_method),
             "json": fv.json, "learning_rate": fv.learning_rate,
             "seed": fv.seed, "verbose": fv.verbose}
 
@@ -609,7 +609,8 @@ def run(argv, log=print):
 
 
 def _run_config(cfg, log):
-    if cfg["json"]:
+    if cfg["json"]:   # checked before the (long) run, not after it
+        check_writable(cfg["json"], "--json")
         directory = os.path.dirname(os.path.abspath(cfg["json"]))
         if not os.path.isdir(directory):
             raise ValueError(f"--json {cfg['json']}: directory {directory} does not exist")
@@ -621,15 +622,22 @@ def _run_config(cfg, log):
     return res
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise SystemExit(f"benchmark: unexpected arguments {argv[1:]} (all options are --flags)")
+def main(argv=None):
+    """The command line: ``argv`` (flags only; default ``sys.argv[1:]``) -> exit status. Bad flags
+    and unwritable outputs are one line ``benchmark: error: ...`` on stderr and exit status 2."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(a in ("-h", "--help", "--helpshort", "--helpfull") for a in argv):
+        fv = flags.FlagValues()
+        define_flags(fv)
+        print(__doc__.strip() + "\n\nflags:\n" + fv.get_help())
+        return 0
     try:
-        _run_config(config_from_flags(flags.FLAGS), print)
-    except ValueError as e:
-        raise SystemExit(f"benchmark: {e}") from None
+        run(argv)
+    except (ValueError, OSError) as e:
+        print(f"benchmark: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    define_flags(flags.FLAGS)
-    app.run(main)
+    sys.exit(main())

@@ -18,7 +18,10 @@ epoch (``init_epoch + train_epoch`` of its ``run_config.json``) and ``train_para
 runs are skipped, a run folder with ``ckpt/`` is continued with ``--resume``. So rerunning the same
 command after a crash or a kill (or ``--max_runs``) completes the grid. A run that fails (or exits
 without finishing) is reported in one line with its log; the other runs go on and the exit status is
-1 at the end. Bad flags: one line ``experiments: error: ...`` and exit status 2.
+1 at the end. Bad flags, an unwritable ``--out_dir`` and damaged files in it (``grid.json``,
+``results.csv``, a run's ``run_config.json``, ``log.mat``, ``train_params.mat`` header,
+``run_time.json``): one line ``experiments: error: ...`` naming the file, exit status 2, and
+nothing is run or rewritten (fix or remove the file).
 
 Presets (``PRESETS``; a plain dict each: ``common``, ``teacher``, ``variants``, ``rates``,
 ``seeds``, ``description`` and optionally ``paper`` / ``paper_note``):
@@ -61,9 +64,10 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 from absl import app, flags
 
-from iepkt_tf.atomic import atomic_open
+from iepkt_tf.atomic import atomic_open, check_writable
 
 FLAGS = flags.FLAGS
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -89,6 +93,19 @@ CPU_COMMON = ["--dataset=synthetic_parts", "--precision=float32", "--batch_size=
               "--vis_every=0", "--log_every=100000"]
 CPU_RATE_FLAGS = {0.1: ["--train_epoch=40"], 1.0: ["--train_epoch=10"]}
 CPU_IEP = ["--Distillation=IEP", "--init_epoch=5"]
+# Every method of iepkt_tf.distillers, in the paper's Table 1 order; an initial phase (FT, AB, MHGD,
+# IEP) gets 5 epochs on the CPU (the authors: 30 / 30 / 40 / 20 before 100 main epochs).
+CPU_METHODS = {"None": ["--Distillation=None"], "KD": ["--Distillation=KD"],
+               "AT": ["--Distillation=AT"], "FT": ["--Distillation=FT", "--init_epoch=5"],
+               "AB": ["--Distillation=AB", "--init_epoch=5"], "RKD": ["--Distillation=RKD"],
+               "MHGD": ["--Distillation=MHGD", "--init_epoch=5"], "CO": ["--Distillation=CO"],
+               "IEP": CPU_IEP}
+# The paper's Table 1 (CIFAR-100 top-1 %, WRN-40-4 -> WRN-16-4) by sample rate.
+PAPER_TABLE = {"None": (76.09, 69.77, 59.28, 40.65), "AT": (76.98, 71.13, 63.07, 47.66),
+               "FT": (77.14, 72.41, 63.70, 48.29), "AB": (77.29, 72.28, 66.79, 57.38),
+               "RKD": (77.02, 69.57, 53.57, 23.27), "MHGD": (77.45, 73.32, 67.27, 54.58),
+               "CO": (78.21, 74.33, 67.90, 40.80), "IEP": (78.37, 74.53, 69.02, 59.04)}
+PAPER_RATES = (1.0, 0.5, 0.25, 0.1)
 
 PRESETS = {
     "tiny": {
@@ -109,13 +126,12 @@ PRESETS = {
                    "--student_arch=WResNet-16-4", "--batch_size=128", "--train_epoch=100",
                    "--vis_every=0"],
         "teacher": [],
-        "variants": {"None": ["--Distillation=None"],
-                     "IEP": ["--Distillation=IEP", "--init_epoch=20"]},
-        "rates": [1.0, 0.5, 0.25, 0.1],
+        # Every method with its own defaults (initial phases: FT 30, AB 30, MHGD 40, IEP 20 epochs).
+        "variants": {m: [f"--Distillation={m}"] for m in PAPER_TABLE},
+        "rates": list(PAPER_RATES),
         "seeds": [0, 1, 2],
-        # CIFAR-100 top-1 % of the paper's Table 1 (student alone; IEP + black-box).
-        "paper": {"None": {1.0: 76.09, 0.5: 69.77, 0.25: 59.28, 0.1: 40.65},
-                  "IEP": {1.0: 78.37, 0.5: 74.53, 0.25: 69.02, 0.1: 59.04}},
+        # CIFAR-100 top-1 % of the paper's Table 1 (the IEP row is 'IEP + black-box').
+        "paper": {m: dict(zip(PAPER_RATES, row)) for m, row in PAPER_TABLE.items()},
         "paper_note": "Our IEP includes the black-box term K_BB, so it is compared with the "
                       "paper's 'IEP + black-box' row; the paper's IEP without it: 78.12 / 74.22 / "
                       "68.57 / 55.89 at rates 1 / 0.5 / 0.25 / 0.1.",
@@ -128,14 +144,13 @@ PRESETS = {
     "cpu": {
         "family": "cpu",
         "description": "synthetic_parts (40 classes, 5,000 / 2,000 images), WRN-16-2 teacher "
-                       "(10 epochs) -> WRN-10-1 student (adapters at every sensing point), batch "
-                       "64, float32; 40 epochs at rate 0.1, 10 at rate 1.0, IEP +5 module epochs.",
+                       "(10 epochs) -> WRN-10-1 student (connectors/adapters where a method has "
+                       "them), batch 64, float32; 40 epochs at rate 0.1, 10 at rate 1.0, +5 "
+                       "initial-phase epochs for FT, AB, MHGD and IEP.",
         "common": CPU_COMMON,
         "teacher": ["--train_epoch=10"],
         "rate_flags": CPU_RATE_FLAGS,
-        "variants": {"None": ["--Distillation=None"],
-                     "KD": ["--Distillation=KD"],
-                     "IEP": CPU_IEP},
+        "variants": CPU_METHODS,
         "rates": [0.1, 1.0],
         "seeds": [0, 1, 2],
     },
@@ -167,6 +182,12 @@ PRESETS = {
 
 class UsageError(ValueError):
     """A bad flag value (the message names the flag and what was expected)."""
+
+
+class InputError(ValueError):
+    """A damaged file in --out_dir (grid.json, results.csv, a run's run_config.json, log.mat,
+    train_params.mat or run_time.json): the message names it and what was expected. Nothing is
+    run or rewritten over it; fix or remove the file."""
 
 
 # --------------------------------------------------------------------------- flags and the grid
@@ -284,6 +305,12 @@ def grid_from_flags(fv):
     out = os.path.abspath(fv.out_dir)
     if os.path.exists(out) and not os.path.isdir(out):
         raise UsageError(f"--out_dir {fv.out_dir}: exists and is not a directory")
+    try:
+        check_writable(out, "--out_dir", directory=True)
+    except OSError as e:
+        raise UsageError(str(e)) from None
+    if fv.data_dir and not os.path.isdir(fv.data_dir):
+        raise UsageError(f"--data_dir {fv.data_dir}: no such directory")
     if fv.summarize_only:
         return {"summarize_only": True, "out_dir": out}
     preset = _preset(fv)
@@ -295,6 +322,7 @@ def grid_from_flags(fv):
             "data_dir": os.path.abspath(fv.data_dir) if fv.data_dir else None,
             "command": _command(fv)}
     meta = read_meta(out)
+    read_csv(os.path.join(out, "results.csv"))   # damaged: an error now, not after the runs
     family = preset.get("family", fv.preset)
     if meta.get("preset") is not None and meta.get("family", meta["preset"]) != family:
         raise UsageError(f"--out_dir {fv.out_dir} holds a grid of preset {meta['preset']!r}, not "
@@ -364,41 +392,89 @@ def plan_runs(grid):
     return runs
 
 
+def read_json_object(path, expected):
+    """The JSON object in ``path``; InputError naming it (and ``expected``) if it is not one."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise InputError(f"{path}: not readable JSON ({' '.join(str(e).split())}); expected "
+                         f"{expected}; fix or remove it") from None
+    if not isinstance(obj, dict):
+        raise InputError(f"{path}: expected {expected}, got a JSON {type(obj).__name__}; fix or "
+                         f"remove it")
+    return obj
+
+
+def _number(obj, key, path, kind=float, default=None):
+    value = obj.get(key, default)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value \
+        and abs(value) != float("inf")
+    if not ok or (kind is int and value != int(value)):
+        raise InputError(f"{path}: {key!r} must be {'an integer' if kind is int else 'a number'}, "
+                         f"got {value!r}; fix or remove the file")
+    return kind(value)
+
+
+def _looks_like_mat(path):
+    """A cheap check of a .mat's 128-byte header (a full read of train_params.mat is the training
+    script's job when it loads a teacher)."""
+    with open(path, "rb") as f:
+        head = f.read(128)
+    return len(head) == 128 and (head.startswith(b"MATLAB") or head[:4] == b"\x89HDF")
+
+
 def read_result(run_dir):
-    """``{final_acc, best_acc, epochs, wall_s}`` of a finished run, else None."""
-    from iepkt_tf.mat_io import load_mat
+    """``{final_acc, best_acc, epochs, wall_s, config}`` of a finished run, None for a run that is
+    not finished (a file missing, fewer epochs logged); InputError if one of its files is damaged."""
+    from iepkt_tf.mat_io import MatFileError, load_mat
 
     paths = [os.path.join(run_dir, n) for n in ("run_config.json", "log.mat", "train_params.mat")]
     if not all(os.path.isfile(p) for p in paths):
         return None
+    cfg = read_json_object(paths[0], "the run's flags, written by train_w_distill.py")
+    epochs = _number(cfg, "init_epoch", paths[0], int) + _number(cfg, "train_epoch", paths[0], int)
+    _number(cfg, "sample_rate", paths[0], float, 1.0)
+    _number(cfg, "seed", paths[0], int, 0)
     try:
-        with open(paths[0], encoding="utf-8") as f:
-            cfg = json.load(f)
-        acc = load_mat(paths[1])["validation_acc"].ravel()
-    except (ValueError, KeyError, OSError):
+        log = load_mat(paths[1])
+    except MatFileError as e:
+        raise InputError(f"{e}; fix or remove it") from None
+    acc = np.asarray(log.get("validation_acc", np.zeros(0, object)))
+    if "validation_acc" not in log or acc.dtype.kind not in "iuf" or acc.size and acc.ndim > 2:
+        raise InputError(f"{paths[1]}: expected a numeric 'validation_acc' vector (one entry per "
+                         f"epoch), got {'none' if 'validation_acc' not in log else acc.dtype}; fix "
+                         f"or remove it")
+    acc = acc.ravel().astype(np.float64)
+    if not np.all(np.isfinite(acc)):
+        raise InputError(f"{paths[1]}: 'validation_acc' holds non-finite values; fix or remove it")
+    if len(acc) == 0 or len(acc) != epochs:
         return None
-    if len(acc) == 0 or len(acc) != int(cfg["init_epoch"]) + int(cfg["train_epoch"]):
-        return None
+    if not _looks_like_mat(paths[2]):
+        raise InputError(f"{paths[2]}: not a MATLAB .mat file (expected the run's parameters, "
+                         f"written by train_w_distill.py); remove it to rerun the run")
     return {"final_acc": float(acc[-1]), "best_acc": float(acc.max()), "epochs": len(acc),
             "wall_s": read_wall_time(run_dir), "config": cfg}
 
 
 def read_wall_time(run_dir):
-    try:
-        with open(os.path.join(run_dir, "run_time.json"), encoding="utf-8") as f:
-            return float(json.load(f)["wall_s"])
-    except (OSError, ValueError, KeyError, TypeError):
+    """The run's summed wall time (``run_time.json``), None without one; InputError if damaged."""
+    path = os.path.join(run_dir, "run_time.json")
+    if not os.path.lexists(path):
         return None
+    obj = read_json_object(path, '{"wall_s": <seconds>, "invocations": <n>}')
+    return _number(obj, "wall_s", path)
 
 
 def add_wall_time(run_dir, seconds):
-    """Add ``seconds`` to the run's ``run_time.json`` (summed over invocations)."""
-    previous = read_wall_time(run_dir) or 0.0
+    """Add ``seconds`` to the run's ``run_time.json`` (summed over invocations). Called after a
+    run whatever happened, so a damaged file (checked before the run) counts as absent here."""
     try:
-        with open(os.path.join(run_dir, "run_time.json"), encoding="utf-8") as f:
-            n = int(json.load(f).get("invocations", 0))
-    except (OSError, ValueError, TypeError, AttributeError):
-        n = 0
+        previous = read_wall_time(run_dir) or 0.0
+        n = _number(read_json_object(os.path.join(run_dir, "run_time.json"), "{}"),
+                    "invocations", run_dir, int, 0)
+    except InputError:
+        previous, n = 0.0, 0
     write_json(os.path.join(run_dir, "run_time.json"),
                {"wall_s": previous + seconds, "invocations": n + 1})
 
@@ -511,7 +587,11 @@ def _run_one(run, k, n, done, runs, pending, failures, out):
     resume = os.path.isdir(os.path.join(run["dir"], "ckpt"))
     out(f"[{k}/{n}] {_label(run)}: {'resuming' if resume else 'starting'} in {run['dir']}")
     rc, wall = execute(run, resume)
-    res = read_result(run["dir"])
+    damaged = None
+    try:
+        res = read_result(run["dir"])
+    except InputError as e:  # the run left something unreadable: a failure of this run
+        res, damaged = None, str(e)
     done.append((wall, run["cost"]))
     pending[k - 1] = False
     left = eta(done, sum(r["cost"] for r, p in zip(runs, pending) if p))
@@ -519,7 +599,7 @@ def _run_one(run, k, n, done, runs, pending, failures, out):
     if rc == 0 and res is not None:
         out(f"[{k}/{n}] {_label(run)} -> {res['final_acc']:.2f} ({wall:.1f} s), ETA {hms(left)}")
         return True
-    why = (f"exit {rc}: {last_line(log)}" if rc else
+    why = (f"exit {rc}: {last_line(log)}" if rc else f"damaged output: {damaged}" if damaged else
            "incomplete: exited 0 without a full log.mat; run again to resume")
     failures.append(f"{_label(run)}: {why}; log: {log}")
     out(f"[{k}/{n}] {_label(run)} -> FAILED ({why}); log: {log}, ETA {hms(left)}")
@@ -537,11 +617,19 @@ def _summarize_quietly(out_dir, out):
 # --------------------------------------------------------------------------- grid.json
 
 def read_meta(out_dir):
-    try:
-        with open(os.path.join(out_dir, "grid.json"), encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError):
+    """``OUT/grid.json`` ({} without one); InputError if it is damaged (it is never rewritten
+    over: it holds the grid's commands)."""
+    path = os.path.join(out_dir, "grid.json")
+    if not os.path.lexists(path):
         return {}
+    meta = read_json_object(path, "the grid's record written by this runner")
+    for key in ("commands", "variants", "planned"):
+        if not isinstance(meta.get(key, []), list):
+            raise InputError(f"{path}: {key!r} must be a list; fix or remove it")
+    for key in ("paper", "descriptions"):
+        if not isinstance(meta.get(key, {}), dict):
+            raise InputError(f"{path}: {key!r} must be an object; fix or remove it")
+    return meta
 
 
 def _union(old, new):
@@ -576,7 +664,8 @@ def collect_rows(out_dir):
         if res is None:
             continue
         if rel == TEACHER:
-            variant, rate, seed = TEACHER, res["config"]["sample_rate"], res["config"]["seed"]
+            variant = TEACHER
+            rate, seed = res["config"].get("sample_rate", 1.0), res["config"].get("seed", 0)
         else:
             variant, name = rel.split("/")
             m = RUN_RE.match(name)
@@ -609,13 +698,31 @@ def _variant_order(meta, rows):
 
 
 def read_csv(path):
-    if not os.path.isfile(path):
+    """The rows of an existing ``results.csv`` ([] without one); InputError if it is damaged."""
+    if not os.path.lexists(path):
         return []
-    with open(path, newline="", encoding="utf-8") as f:
-        return [dict(variant=r["variant"], rate=float(r["rate"]), seed=int(r["seed"]),
-                     final_acc=float(r["final_acc"]), best_acc=float(r["best_acc"]),
-                     epochs=int(r["epochs"]), wall_s=float(r["wall_s"]) if r["wall_s"] else None,
-                     train_dir=r["train_dir"]) for r in csv.DictReader(f)]
+    rows = []
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames is None or list(reader.fieldnames) != list(CSV_FIELDS):
+                raise InputError(f"{path}: expected the header {','.join(CSV_FIELDS)}, got "
+                                 f"{','.join(reader.fieldnames or []) or 'none'}; fix or remove it")
+            for r in reader:
+                try:
+                    rows.append(dict(variant=r["variant"], rate=float(r["rate"]), seed=int(r["seed"]),
+                                     final_acc=float(r["final_acc"]), best_acc=float(r["best_acc"]),
+                                     epochs=int(r["epochs"]),
+                                     wall_s=float(r["wall_s"]) if r["wall_s"] else None,
+                                     train_dir=r["train_dir"]))
+                except (TypeError, ValueError):  # a short row gives None fields
+                    raise InputError(f"{path} line {reader.line_num}: expected "
+                                     f"{','.join(CSV_FIELDS)} values, got {list(r.values())!r:.120}; "
+                                     f"fix or remove it") from None
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise InputError(f"{path}: not a readable results.csv ({' '.join(str(e).split())}); fix or "
+                         f"remove it") from None
+    return rows
 
 
 def csv_text(rows):
@@ -765,6 +872,8 @@ def summarize(out_dir):
     folders; returns the rows."""
     rows = collect_rows(out_dir)
     meta = read_meta(out_dir)
+    for name in ("results.csv", "results.md", "results.png"):
+        check_writable(os.path.join(out_dir, name), "--out_dir output")
     with atomic_open(os.path.join(out_dir, "results.csv"), "w", encoding="utf-8") as f:
         f.write(csv_text(rows))
     with atomic_open(os.path.join(out_dir, "results.md"), "w", encoding="utf-8") as f:
@@ -795,19 +904,26 @@ def main(argv):
         return 2
     try:
         grid = grid_from_flags(FLAGS)
-    except UsageError as e:
+    except (UsageError, InputError) as e:
         _error(e)
         return 2
-    if grid["summarize_only"]:
-        if not os.path.isdir(grid["out_dir"]):
-            _error(f"--out_dir {FLAGS.out_dir}: no such directory")
-            return 2
-        rows = summarize(grid["out_dir"])
-        print(f"{len(rows)} finished run(s); wrote results.csv, results.md, results.png in "
-              f"{FLAGS.out_dir}")
-        return 0
     try:
+        if grid["summarize_only"]:
+            if not os.path.isdir(grid["out_dir"]):
+                _error(f"--out_dir {FLAGS.out_dir}: no such directory")
+                return 2
+            rows = summarize(grid["out_dir"])
+            print(f"{len(rows)} finished run(s); wrote results.csv, results.md, results.png in "
+                  f"{FLAGS.out_dir}")
+            return 0
         return run_grid(grid, out=lambda line: print(line, flush=True))
+    except InputError as e:
+        _error(e)
+        return 2
+    except OSError as e:  # an output that cannot be written
+        where = e.filename2 or e.filename
+        _error(f"--out_dir {FLAGS.out_dir}: cannot write {where}: {e.strerror}" if where else e)
+        return 2
     except KeyboardInterrupt:
         _summarize_quietly(grid["out_dir"], print)
         print("interrupted; run the same command again to continue", file=sys.stderr)

@@ -157,26 +157,18 @@ class IEPDistiller(keras.layers.Layer):
 
     def load_tf1_variables(self, arrays, strict=True):
         """Assign ``{bare TF1 name: array}`` (a fixture, or the authors' ``.mat`` restricted to
-        ``Distillation/``). ``strict``: every variable must be present. Each PCA is marked
-        initialised iff its loaded ``S`` is non-zero."""
+        ``Distillation/``) with :func:`iepkt_tf.mat_io.assign_params` (the project's one loader and
+        shape rule); names that are not the distiller's are ignored. ``strict``: every variable
+        must be present. Each PCA is marked initialised iff its loaded ``S`` is non-zero."""
+        from iepkt_tf.mat_io import assign_params
+
         names = self.tf1_variables()
-        missing = [n for n in names if n not in arrays]
+        mine = {n: a for n, a in arrays.items() if n in names}
+        missing = [n for n in names if n not in mine]
         if strict and missing:
             raise ValueError(f"IEPDistiller.load_tf1_variables: {len(missing)} variables missing, "
                              f"first {missing[0]!r}")
-        for n, var in names.items():
-            if n not in arrays:
-                continue
-            value = tf.convert_to_tensor(arrays[n], dtype=var.dtype)
-            size = 1
-            for d in var.shape:
-                size *= int(d)
-            if tuple(value.shape) != tuple(var.shape) and value.shape.num_elements() == size:
-                value = tf.reshape(value, var.shape)  # .mat files store vectors as (1, C)
-            if tuple(value.shape) != tuple(var.shape):
-                raise ValueError(f"IEPDistiller.load_tf1_variables: {n!r} has shape {tuple(value.shape)}, "
-                                 f"expected {tuple(var.shape)}")
-            var.assign(value)
+        assign_params(names, mine, strict=False, what="IEPDistiller.load_tf1_variables")
         for pca in self.pcas:
             pca.initialized.assign(bool(tf.reduce_any(tf.not_equal(pca.S, 0.0))))
 

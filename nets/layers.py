@@ -206,3 +206,13 @@ def collect_tf1_variables(named_layers, prefix=""):
             parts = [p for p in (prefix, scope, leaf) if p]
             out["/".join(parts)] = var
     return out
+
+
+def names_of(variables, named):
+    """The TF1 names of ``variables`` in ``named`` (``{TF1 name: variable}``), matched by identity:
+    the one name map of the project (optimiser slots, weight-decay rules, checkpoints)."""
+    by_id = {id(v): n for n, v in named.items()}
+    missing = [getattr(v, "path", v) for v in variables if id(v) not in by_id]
+    if missing:
+        raise ValueError(f"variable(s) without a TF1 name: {missing[:3]}")
+    return [by_id[id(v)] for v in variables]

@@ -9,7 +9,7 @@ clipped to the norm of the target (cross-entropy) gradient; the same authors' ``
     g    = g_wdecay + g_ce + clip_by_norm(g_dist, norm)
 
 IEP has three distillation losses (K_int, K_alt, K_BB). We compute their gradients separately and
-clip each one on its own against the same bound, then sum (``clip_distillation_grads``), so one
+clip each one on its own against the same bound, then sum (``op_util.train_steps.make_main_step``), so one
 loss with a large gradient cannot use up the budget of the others.
 
 Variables that the cross-entropy does not reach (the student-side channel adapters, which the
@@ -51,41 +51,6 @@ def clip_with_norms(g_dist, ce_norm, warm, unreached="warm"):
             return g_dist * warm, norm, norm * warm
         if unreached == "drop":
             return None, norm, None
-        raise ValueError(f"clip_by_reference: unreached must be 'warm' or 'drop', got {unreached!r}")
+        raise ValueError(f"clip_with_norms: unreached must be 'warm' or 'drop', got {unreached!r}")
     factor = _factor(norm, tf.cast(ce_norm, g_dist.dtype) * warm)
     return g_dist * factor, norm, norm * factor
-
-
-def clip_by_reference(g_dist, g_ce, warm, unreached="warm"):
-    """``clip_by_norm(g_dist, ||g_ce|| * warm)`` for one variable (None-safe).
-
-    ``tf.clip_by_norm``'s scale ``bound / max(||g||, bound)``, defined as 0 when both norms are 0
-    (where ``tf.clip_by_norm`` returns NaN).
-    """
-    ce_norm = None if g_ce is None else grad_norm(g_ce)
-    return clip_with_norms(g_dist, ce_norm, warm, unreached)[0]
-
-
-def clip_to_reference(dist_grads, ce_grads, warm, unreached="warm"):
-    """``clip_by_reference`` over aligned lists of one loss's gradients and the CE gradients."""
-    dist_grads, ce_grads = list(dist_grads), list(ce_grads)
-    if len(dist_grads) != len(ce_grads):
-        raise ValueError(f"clip_to_reference: {len(dist_grads)} distillation gradients for "
-                         f"{len(ce_grads)} cross-entropy gradients")
-    return [clip_by_reference(gd, gc, warm, unreached) for gd, gc in zip(dist_grads, ce_grads)]
-
-
-def clip_distillation_grads(ce_grads, dist_grads_list, warm, unreached="warm"):
-    """Per variable: ``g_ce + sum_k clip_by_norm(g_k, ||g_ce|| * warm)``.
-
-    ``ce_grads``: list over variables (None allowed); ``dist_grads_list``: one such list per
-    distillation loss. Returns ``(grads, clipped)`` where ``clipped[k]`` is the clipped list of loss
-    k (for logging norms) and ``grads`` the per-variable sum (None where nothing reached it).
-    """
-    ce_grads = list(ce_grads)
-    clipped = [clip_to_reference(dg, ce_grads, warm, unreached) for dg in dist_grads_list]
-    grads = []
-    for i, gc in enumerate(ce_grads):
-        parts = [g for g in [gc] + [c[i] for c in clipped] if g is not None]
-        grads.append(None if not parts else (parts[0] if len(parts) == 1 else tf.add_n(parts)))
-    return grads, clipped

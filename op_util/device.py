@@ -31,7 +31,7 @@ def default_jit(gpu=None, decompositions=False):
     """XLA default for a step (``decompositions``: the step runs eigh/SVD, i.e. the IEP steps).
 
     CPU: off. Measured here (``--jit true`` vs ``false``, float32, batch 32): student training
-    4.8x, the IEP initial step 6.3x and inference 1.1x slower under XLA; NOTES.md: eigh 25-150x
+    4.8x, the IEP initial step 6.3x and inference 1.1x slower under XLA; eigh alone 25-150x
     and SVD 400x+ slower. GPU (not measured, no GPU here): on for the plain steps, off for steps
     with decompositions, which XLA compiles to slow loops.
     """

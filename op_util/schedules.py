@@ -31,11 +31,6 @@ def learning_rate(epoch, init_epoch, train_epoch, base=0.1, decay_points=(0.3, 0
     return lr
 
 
-def decay_epochs(init_epoch, train_epoch, decay_points=(0.3, 0.6, 0.8)):
-    """The epochs at which ``learning_rate`` drops (the authors' thresholds ``ie + int(te*dp)``)."""
-    return [init_epoch + int(train_epoch * dp) for dp in decay_points]
-
-
 def warmup(epoch, init_epoch):
     """``sigmoid(epoch - init_epoch)``, snapped to 1.0 once it exceeds ``1 - 1e-8``.
 

@@ -131,20 +131,23 @@ def test_cli_parts_and_explicit_settings(tmp_path):
 
 
 def test_cli_times_one_main_step_per_grad_method():
-    """``--grad_method separate,pfor`` adds part ``main[pfor]`` when the main step takes the
-    argument; otherwise ``pfor`` is refused with a message naming the flag."""
-    import inspect
-
+    """``--grad_method separate,pfor`` adds part ``main[pfor]``."""
     argv = TINY + ["--parts=main", "--grad_method=separate,pfor", "--precision=float32"]
-    if "grad_method" in inspect.signature(ts.make_iep_main_step).parameters:
-        res = bm.run(argv, log=lambda _: None)
-        assert list(res["parts"]) == ["main", "main[pfor]"]
-        assert res["settings"]["grad_method"] == ["separate", "pfor"]
-        assert res["tracing_count"] == {"main": 1, "main[pfor]": 1}
-        assert res["parts"]["main[pfor]"]["median_s"] > 0
-    else:
-        with pytest.raises(ValueError, match="--grad_method pfor"):
-            bm.run(argv, log=lambda _: None)
+    res = bm.run(argv, log=lambda _: None)
+    assert list(res["parts"]) == ["main", "main[pfor]"]
+    assert res["settings"]["grad_method"] == ["separate", "pfor"]
+    assert res["tracing_count"] == {"main": 1, "main[pfor]": 1}
+    assert res["parts"]["main[pfor]"]["median_s"] > 0
+
+
+def test_cli_times_another_method():
+    """``--Distillation KD``: ``all`` is student, floor, main, infer (no initial phase, no bare);
+    asking for ``init`` of a method without one names the flag."""
+    res = bm.run(TINY + ["--Distillation=KD", "--precision=float32"], log=lambda _: None)
+    assert list(res["parts"]) == ["student", "floor", "main", "infer"]
+    assert res["settings"]["distillation"] == "KD" and res["main_over_floor"] > 0
+    with pytest.raises(ValueError, match="--parts init"):
+        bm.run(TINY + ["--Distillation=KD", "--parts=init"], log=lambda _: None)
 
 
 @pytest.mark.parametrize("argv, flag", [
@@ -273,7 +276,7 @@ def iep_losses_setup():
 
     def losses():
         _, t_feats = teacher(images, training=False)
-        logits, s_feats = ts.forward(student, images, True, tf.constant([5, 6], tf.int64))
+        logits, s_feats, _ = ts.forward(student, images, True, tf.constant([5, 6], tf.int64))
         d = dist.distill_losses(s_feats[1:4], [tf.stop_gradient(f) for f in t_feats[1:4]])
         return [ts.cross_entropy(logits, labels), d["k_int"], d["k_alt"], d["k_bb"]]
 

@@ -222,15 +222,6 @@ def test_subsample_balanced_and_seeded():
             pipeline.subsample(labels, bad, 0)
 
 
-def test_subsample_dataset_keeps_test_set():
-    ds = synthetic.make_synthetic(num_classes=3, train_per_class=8, test_per_class=4, image_size=16)
-    sub = pipeline.subsample_dataset(ds, 0.25, seed=0)
-    np.testing.assert_array_equal(np.bincount(sub.train_labels), [2, 2, 2])
-    keep = pipeline.subsample(ds.train_labels, 0.25, 0)
-    np.testing.assert_array_equal(sub.train_images, ds.train_images[keep])
-    assert sub.test_images is ds.test_images and sub.test_labels is ds.test_labels
-
-
 # ----------------------------------------------------------------------------- preprocessing
 
 def test_normalize_constants_rgb_order():

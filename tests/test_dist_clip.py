@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from iepkt_tf.distillers.iep import IEP
 from iepkt_tf.iep import IEPDistiller
 from nets.nets_factory import get_network
 from op_util import train_steps as ts
@@ -27,11 +28,9 @@ def _setup(student_arch="WResNet-10-1", **kw):
 
 
 def _run_step(student, teacher, dist, images, labels, clip, warm=0.5):
-    named = {n: v for n, v in student.tf1_variables().items() if v.trainable}
-    by_id = {id(v): n for n, v in dist.tf1_variables().items()}
-    named.update({by_id[id(v)]: v for v in dist.adapter_variables()})
-    opt = NesterovMomentum(named)
-    step = ts.make_iep_main_step(student, teacher, dist, opt, 5e-4, clip=clip)
+    method = IEP.over(dist, clip)
+    opt = NesterovMomentum(ts.optimizer_variables(student, method))
+    step = ts.make_main_step(method, student, teacher, opt, 5e-4)
     return step(images, labels, tf.constant(0.1), tf.constant(warm), ts.step_seed(0, 0))
 
 
@@ -81,7 +80,7 @@ def test_summed_clips_the_gradient_of_the_sum_per_variable():
     assert float(out["grad_norm/distill_clipped"]) == pytest.approx(expected, rel=1e-4)
     assert np.any(norms > bounds) and np.any(norms < bounds)  # both branches of the clip occur
     assert "grad_norm/k_int" not in out and float(out["k_bb"]) == pytest.approx(float(losses["k_bb"]), rel=1e-4)
-    with pytest.raises(ValueError, match="clip must be"):
+    with pytest.raises(ValueError, match="dist_clip must be"):
         _run_step(student, teacher, dist, images, labels, "both")
 
 

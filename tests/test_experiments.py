@@ -230,12 +230,16 @@ def test_dry_run_of_the_paper_preset(tmp_path):
     res = cli("--preset=paper", f"--out_dir={out}", "--dry_run", f"--data_dir={tmp_path}")
     assert res.returncode == 0, res.stderr
     cmds = [ln for ln in res.stdout.splitlines() if ln.startswith("[")]
-    assert len(cmds) == 1 + 2 * 4 * 3
+    methods = ("None", "AT", "FT", "AB", "RKD", "MHGD", "CO", "IEP")  # the paper's Table 1
+    assert len(cmds) == 1 + len(methods) * 4 * 3
     assert "--main_scope=Teacher" in cmds[0] and "--Distillation=None" in cmds[0]
-    for ln in cmds:
+    for m in methods:
+        assert sum(f"] {m} " in ln for ln in cmds) == 12, m
+    for ln in cmds[1:]:
         assert "--dataset=cifar100" in ln and f"--data_dir={tmp_path}" in ln
-        iep = "] IEP " in ln
-        assert ("--teacher_params=" in ln) == iep and ("--init_epoch=20" in ln) == iep
+        student = "] None " in ln
+        assert ("--teacher_params=" in ln) != student
+        assert "--init_epoch" not in ln  # every method keeps its own initial phase (IEP 20)
     assert any("--sample_rate=0.1 --seed=2" in ln for ln in cmds)
     assert not out.exists()
 

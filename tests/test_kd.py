@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from iepkt_tf.kd import kd_loss
+from iepkt_tf.distillers.kd import kd_loss
 from op_util.optimizer import NesterovMomentum, is_decayed
 
 
@@ -42,9 +42,10 @@ def test_kd_gradient_is_t_times_probability_difference():
 
 
 def test_kd_step_update_matches_hand_made_update():
-    """One make_kd_step update: g = d[(1-a) CE + a kd]/dv + wd v, Nesterov with zero accumulator."""
+    """One KD main-step update: g = d[(1-a) CE + a kd]/dv + wd v, Nesterov with zero accumulator."""
     from nets.nets_factory import get_network
-    from op_util.train_steps import make_kd_step, step_seed, trainable_named
+    from iepkt_tf.distillers import build
+    from op_util.train_steps import make_main_step, step_seed, trainable_named
 
     student = get_network("WResNet-10-1", 5, "Student", (16, 16), is_main=True)
     teacher = get_network("WResNet-10-2", 5, "Teacher", (16, 16), is_main=False)
@@ -65,9 +66,10 @@ def test_kd_step_update_matches_hand_made_update():
         soft = kd_loss(logits, t_logits, temp)
         total = (1 - alpha) * ce + alpha * soft
     grads = tape.gradient(total, variables)
-    out = make_kd_step(student, teacher, opt, wd, temperature=temp, alpha=alpha)(
-        images, labels, tf.constant(lr), step_seed(0, 0))
-    assert float(out["kd"]) == pytest.approx(float(soft), rel=1e-5) and float(soft) > 0.01
+    kd = build("KD", student, teacher, kd_temperature=temp, kd_weight=alpha)
+    out = make_main_step(kd, student, teacher, opt, wd)(
+        images, labels, tf.constant(lr), tf.constant(1.0), step_seed(0, 0))
+    assert float(out["kd"]) == pytest.approx(alpha * float(soft), rel=1e-5) and float(soft) > 0.01
     assert float(out["cross_entropy"]) == pytest.approx(float(ce), rel=1e-5)
     for n, v, b, g in zip(names, variables, before, grads):
         g = g.numpy() + (wd * b if is_decayed(n) else 0.0)

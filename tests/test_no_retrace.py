@@ -10,8 +10,10 @@ import keras
 import pytest
 import tensorflow as tf
 
+import copy
+
 from iepkt_tf.benchmark import _make_floor_step
-from iepkt_tf.iep import IEPDistiller
+from iepkt_tf.distillers import build
 from iepkt_tf.stacked_pca import branch_of
 from nets.nets_factory import get_network
 from op_util import train_steps as ts
@@ -48,22 +50,22 @@ def setup(request):
         tf.random.set_seed(0)
         student = get_network("WResNet-10-1", CLASSES, "Student", SIZE, True)
         teacher = get_network("WResNet-10-1", CLASSES, "Teacher", SIZE, False)
-        distiller = IEPDistiller(teacher.feature_channels[1:4], student.feature_channels[1:4])
-        named = {n: v for n, v in student.tf1_variables().items() if v.trainable}
-        by_id = {id(v): n for n, v in distiller.tf1_variables().items()}
-        named.update({by_id[id(v)]: v for v in distiller.module_variables()})
-        opt = NesterovMomentum(named)
+        iep = build("IEP", student, teacher)
+        summed = copy.copy(iep)  # the same layer and variables under the other clip rule
+        summed.clip_rule = "summed"
+        plain = build("None", student, None)
+        opt = NesterovMomentum(ts.optimizer_variables(student, iep))
         steps = {
-            "plain": ts.make_plain_step(student, opt, 5e-4),
+            "plain": ts.make_main_step(plain, student, None, opt, 5e-4),
             "eval": ts.make_eval_step(student),
-            "init": ts.make_iep_init_step(teacher, distiller, opt),
-            "main": ts.make_iep_main_step(student, teacher, distiller, opt, 5e-4),
-            "main_summed": ts.make_iep_main_step(student, teacher, distiller, opt, 5e-4, clip="summed"),
-            "kd": ts.make_kd_step(student, teacher, opt, 5e-4),
+            "init": ts.make_init_step(iep, student, teacher, opt, 5e-4),
+            "main": ts.make_main_step(iep, student, teacher, opt, 5e-4),
+            "main_summed": ts.make_main_step(summed, student, teacher, opt, 5e-4),
+            "kd": ts.make_main_step(build("KD", student, teacher), student, teacher, opt, 5e-4),
         }
-        steps["floor"] = _make_floor_step(teacher, ts.make_plain_step(student, opt, 5e-4), False)
+        steps["floor"] = _make_floor_step(teacher, ts.make_main_step(plain, student, None, opt, 5e-4), False)
         yield {"policy": request.param, "steps": steps, "student": student, "teacher": teacher,
-               "distiller": distiller}
+               "distiller": iep.layer}
     finally:
         keras.mixed_precision.set_global_policy(before)
 
@@ -76,9 +78,9 @@ def args_for(kind, i):
     seed = ts.step_seed(7, i)
     if kind == "eval":
         return images, labels
-    if kind.startswith("main"):
-        return images, labels, lr, tf.constant(0.5 + 0.2 * i, tf.float32), seed
-    return images, labels, lr, seed
+    if kind == "init":
+        return images, labels, lr, seed
+    return images, labels, lr, tf.constant(0.5 + 0.2 * i, tf.float32), seed
 
 
 # init first: it gives the incremental PCA its state, as phase 1 does before phase 2.
@@ -124,7 +126,7 @@ def test_per_loss_gradients_in_a_step_traces_once(setup):
     @tf.function(reduce_retracing=True)
     def grads(images, labels, seed):
         with tf.GradientTape(persistent=True) as tape:
-            logits, feats = ts.forward(student, images, True, seed)
+            logits, feats, _ = ts.forward(student, images, True, seed)
             ce = ts.cross_entropy(logits, labels)
             f1 = tf.reduce_mean(tf.square(tf.cast(feats[1], tf.float32)))
             f3 = tf.reduce_mean(tf.cast(feats[3], tf.float32))
@@ -132,7 +134,7 @@ def test_per_loss_gradients_in_a_step_traces_once(setup):
         return [tf.add_n([tf.reduce_sum(x) for x in row if x is not None]) for row in g]
 
     for i in range(3):
-        images, labels, _, seed = args_for("plain", i)
+        images, labels, _, seed = args_for("init", i)
         out = grads(images, labels, seed)
         assert all(bool(tf.math.is_finite(x)) for x in out)
     assert grads.experimental_get_tracing_count() == 1

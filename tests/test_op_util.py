@@ -5,12 +5,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from op_util.clipping import (clip_by_reference, clip_distillation_grads, clip_to_reference,
-                              clip_with_norms, grad_norm)
+from op_util.clipping import clip_with_norms, grad_norm
 from op_util.optimizer import (DynamicLossScale, NesterovMomentum, global_norm, is_decayed,
                                module_l2_loss, norm_of_norms,
                                weight_decay_grads, weight_decay_loss)
-from op_util.schedules import decay_epochs, learning_rate, warmup
+from op_util.schedules import learning_rate, warmup
 
 
 # ---------------------------------------------------------------- Nesterov momentum (TF1 semantics)
@@ -131,7 +130,6 @@ def test_module_l2_is_mhgd_penalty_including_biases():
 
 def test_learning_rate_boundaries_with_init_phase():
     ie, te = 20, 100
-    assert decay_epochs(ie, te) == [50, 80, 100]
     assert learning_rate(0, ie, te) == pytest.approx(0.1)
     assert learning_rate(19, ie, te) == pytest.approx(0.1)
     assert learning_rate(49, ie, te) == pytest.approx(0.1)
@@ -143,11 +141,9 @@ def test_learning_rate_boundaries_with_init_phase():
 
 
 def test_learning_rate_plain_and_int_truncation():
-    assert decay_epochs(0, 100) == [30, 60, 80]
     assert learning_rate(29, 0, 100) == pytest.approx(0.1)
     assert learning_rate(30, 0, 100) == pytest.approx(0.02)
     # int(te * dp) truncates: te = 7 -> thresholds 2, 4, 5
-    assert decay_epochs(0, 7) == [2, 4, 5]
     assert [round(learning_rate(e, 0, 7, base=1.0), 6) for e in range(7)] == \
         [1.0, 1.0, 0.2, 0.2, 0.04, 0.008, 0.008]
     with pytest.raises(ValueError, match="train_epoch"):
@@ -168,13 +164,18 @@ def test_warmup_values():
 
 # ---------------------------------------------------------------- clipping
 
+def _clip(g_d, g_ce, warm, unreached="warm"):
+    """One variable through the step's rule: ``clip_with_norms`` against ``||g_ce||``."""
+    return clip_with_norms(g_d, None if g_ce is None else grad_norm(g_ce), warm, unreached)[0]
+
+
 def test_clip_per_variable_bound_and_tf_clip_by_norm_equivalence():
     rng = np.random.default_rng(1)
     shapes = [(3, 3, 4, 8), (8,), (8, 10)]
     g_ce = [tf.constant(rng.normal(size=s) * 0.1, tf.float32) for s in shapes]
     g_d = [tf.constant(rng.normal(size=s) * sc, tf.float32) for s, sc in zip(shapes, [10, 1e-4, 1])]
     warm = 0.7
-    clipped = clip_to_reference(g_d, g_ce, warm)
+    clipped = [_clip(d, r, warm) for d, r in zip(g_d, g_ce)]
     for c, d, r in zip(clipped, g_d, g_ce):
         bound = np.linalg.norm(r.numpy()) * warm
         assert np.linalg.norm(c.numpy()) <= bound * (1 + 1e-5)
@@ -191,33 +192,19 @@ def test_clip_per_variable_bound_and_tf_clip_by_norm_equivalence():
 
 def test_clip_none_and_zero_handling():
     g = tf.constant([3.0, 4.0])
-    assert clip_by_reference(None, g, 1.0) is None
+    assert clip_with_norms(None, grad_norm(g), 1.0) == (None, None, None)
     # a variable the cross-entropy does not reach (adapter): warm-up scaled, not clipped
-    np.testing.assert_allclose(clip_by_reference(g, None, 0.5).numpy(), [1.5, 2.0])
-    assert clip_by_reference(g, None, 0.5, unreached="drop") is None
+    np.testing.assert_allclose(_clip(g, None, 0.5).numpy(), [1.5, 2.0])
+    assert _clip(g, None, 0.5, unreached="drop") is None
     # zero reference -> zero (tf.clip_by_norm would give NaN when both are zero)
     z = tf.zeros([2])
-    np.testing.assert_array_equal(clip_by_reference(z, z, 1.0).numpy(), [0.0, 0.0])
-    np.testing.assert_array_equal(clip_by_reference(g, z, 1.0).numpy(), [0.0, 0.0])
+    np.testing.assert_array_equal(_clip(z, z, 1.0).numpy(), [0.0, 0.0])
+    np.testing.assert_array_equal(_clip(g, z, 1.0).numpy(), [0.0, 0.0])
     with pytest.raises(ValueError, match="unreached"):
-        clip_by_reference(g, None, 1.0, unreached="bogus")
-
-
-def test_clip_distillation_grads_clips_each_loss_separately_and_sums():
-    g_ce = [tf.constant([1.0, 0.0]), None, tf.constant([0.0, 2.0])]
-    d1 = [tf.constant([10.0, 0.0]), None, tf.constant([0.0, 0.5])]
-    d2 = [tf.constant([0.0, 10.0]), tf.constant([1.0, 1.0]), None]
-    grads, clipped = clip_distillation_grads(g_ce, [d1, d2], warm=1.0)
-    # var 0: each distillation gradient clipped to norm 1 on its own, then summed with g_ce
-    np.testing.assert_allclose(grads[0].numpy(), [1.0 + 1.0, 0.0 + 1.0], rtol=1e-6)
-    # var 1: no CE gradient -> the distillation gradient times warm-up
-    np.testing.assert_allclose(grads[1].numpy(), [1.0, 1.0])
-    # var 2: d1 under the bound (0.5 < 2) -> unchanged; d2 None
-    np.testing.assert_allclose(grads[2].numpy(), [0.0, 2.5])
-    assert clipped[1][2] is None and len(clipped) == 2
-    # nothing at all reaches a variable -> None
-    grads, _ = clip_distillation_grads([None], [[None], [None]], warm=1.0)
-    assert grads == [None]
+        _clip(g, None, 1.0, unreached="bogus")
+    # the norms it returns: before and after clipping
+    _, norm, clipped_norm = clip_with_norms(g, tf.constant(2.0), 1.0)
+    assert float(norm) == pytest.approx(5.0) and float(clipped_norm) == pytest.approx(2.0)
 
 
 def test_clip_with_norms_reports_the_norms_it_used():
@@ -265,10 +252,11 @@ def test_dynamic_loss_scale_skips_nonfinite_and_grows():
 # ---------------------------------------------------------------- a compiled step, by hand
 
 def test_plain_step_is_ce_gradient_plus_decay_with_nesterov():
-    """One make_plain_step update equals the hand-made TF1 update: g = dCE/dv + wd*v on weights,
+    """One main-step update of ``--Distillation None`` equals the hand-made TF1 update: g = dCE/dv + wd*v on weights,
     gamma and beta (not on the FC bias), accum = g, v -= lr*g + lr*0.9*accum."""
     from nets.nets_factory import get_network
-    from op_util.train_steps import make_plain_step, step_seed, trainable_named
+    from iepkt_tf.distillers import build
+    from op_util.train_steps import make_main_step, step_seed, trainable_named
 
     net = get_network("WResNet-10-1", 5, "Student", (16, 16), is_main=True)  # 16x16: no dropout
     names, variables = trainable_named(net.tf1_variables())
@@ -283,7 +271,8 @@ def test_plain_step_is_ce_gradient_plus_decay_with_nesterov():
         ce = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits))
     g_ce = tape.gradient(ce, variables)  # (this pass moved only the BN moving statistics)
     wd, lr = 5e-4, 0.05
-    out = make_plain_step(net, opt, wd)(images, labels, tf.constant(lr), step_seed(0, 0))
+    out = make_main_step(build("None", net, None), net, None, opt, wd)(
+        images, labels, tf.constant(lr), tf.constant(1.0), step_seed(0, 0))
     assert float(out["cross_entropy"]) == pytest.approx(float(ce), rel=1e-5)
     for n, v, b, g in zip(names, variables, before, g_ce):
         g = g.numpy() + (wd * b if is_decayed(n) else 0.0)

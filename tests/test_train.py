@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import train_w_distill as twd
+from iepkt_tf import config, trainer
 from iepkt_tf.mat_io import ParamsMismatchError, assign_params, load_mat
 from nets.nets_factory import get_network
 
@@ -71,7 +71,7 @@ def teacher_run(tmp_path_factory):
             seen["logits"] = state["network"](probe, training=False)[0].numpy()
             seen["epochs"] = seen.get("epochs", 0) + 1
 
-    result = twd.run(twd.make_config(train_dir=train_dir, **TEACHER), epoch_hook=hook)
+    result = trainer.run(config.make_config(train_dir=train_dir, **TEACHER), epoch_hook=hook)
     return dict(result=result, probe=probe, seen=seen, train_dir=train_dir)
 
 
@@ -131,16 +131,16 @@ RESUME = dict(Distillation="None", student_arch="WResNet-10-1", dataset="synthet
 
 def test_resume_reproduces_uninterrupted_run(tmp_path):
     """32x32 inputs, so the student's dropout (keep 0.7) is active: stateless masks must resume too."""
-    full = twd.run(twd.make_config(train_dir=str(tmp_path / "full"), **RESUME))
-    part = twd.run(twd.make_config(train_dir=str(tmp_path / "part"), stop_after=1, **RESUME))
+    full = trainer.run(config.make_config(train_dir=str(tmp_path / "full"), **RESUME))
+    part = trainer.run(config.make_config(train_dir=str(tmp_path / "part"), stop_after=1, **RESUME))
     assert part["stopped"] and part["epochs_done"] == 1
     assert not os.path.exists(tmp_path / "part" / "train_params.mat")
-    with pytest.raises(twd.ConfigError, match="--resume"):
-        twd.run(twd.make_config(train_dir=str(tmp_path / "part"), **RESUME))
-    with pytest.raises(twd.ConfigError, match="--batch_size"):
-        twd.run(twd.make_config(train_dir=str(tmp_path / "part"), resume=True,
+    with pytest.raises(config.ConfigError, match="--resume"):
+        trainer.run(config.make_config(train_dir=str(tmp_path / "part"), **RESUME))
+    with pytest.raises(config.ConfigError, match="--batch_size"):
+        trainer.run(config.make_config(train_dir=str(tmp_path / "part"), resume=True,
                                 **{**RESUME, "batch_size": 8}))
-    resumed = twd.run(twd.make_config(train_dir=str(tmp_path / "part"), resume=True, **RESUME))
+    resumed = trainer.run(config.make_config(train_dir=str(tmp_path / "part"), resume=True, **RESUME))
     assert not resumed["stopped"] and resumed["epochs_done"] == 2
     a, b = load_mat(full["train_params"]), load_mat(resumed["train_params"])
     assert a.keys() == b.keys()
@@ -150,7 +150,7 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
     for k in ("training_acc", "validation_acc"):
         np.testing.assert_array_equal(la[k], lb[k])
     # a different seed gives a different run (so the equality above is not vacuous)
-    other = twd.run(twd.make_config(train_dir=str(tmp_path / "other"), **{**RESUME, "seed": 4}))
+    other = trainer.run(config.make_config(train_dir=str(tmp_path / "other"), **{**RESUME, "seed": 4}))
     c = load_mat(other["train_params"])
     assert any(not np.array_equal(a[k], c[k]) for k in a)
 
@@ -165,7 +165,7 @@ def test_mixed_float16_trains_with_loss_scale(tmp_path):
     def hook(event, epoch, state):
         seen[event] = snapshot(state["network"].tf1_variables())
 
-    res = twd.run(twd.make_config(train_dir=str(tmp_path), precision="mixed_float16", stop_after=1,
+    res = trainer.run(config.make_config(train_dir=str(tmp_path), precision="mixed_float16", stop_after=1,
                                   **RESUME), epoch_hook=hook)
     assert keras.mixed_precision.global_policy().name == "float32"
     moved = changed(seen["start"], seen["epoch_end"])
@@ -195,9 +195,9 @@ def test_iep_phases_freeze_the_right_parts(teacher_run, tmp_path):
             teacher=snapshot(state["teacher"].tf1_variables())))
 
     train_dir = str(tmp_path / "iep")
-    first = twd.run(twd.make_config(train_dir=train_dir, stop_after=1, **cfg), epoch_hook=hook)
+    first = trainer.run(config.make_config(train_dir=train_dir, stop_after=1, **cfg), epoch_hook=hook)
     assert first["stopped"]
-    second = twd.run(twd.make_config(train_dir=train_dir, resume=True, **cfg), epoch_hook=hook)
+    second = trainer.run(config.make_config(train_dir=train_dir, resume=True, **cfg), epoch_hook=hook)
     assert [(s["event"], s["epoch"]) for s in snaps] == [("start", 0), ("epoch_end", 0),
                                                          ("start", 1), ("epoch_end", 1)]
     start, init_end, resumed, main_end = snaps
@@ -240,21 +240,21 @@ def test_iep_phases_freeze_the_right_parts(teacher_run, tmp_path):
 # ------------------------------------------------------------------ (e) errors
 
 def test_config_errors_name_the_flag():
-    with pytest.raises(twd.ConfigError, match=r"--dataset.*'foo'.*synthetic"):
-        twd.resolve_config(twd.make_config(dataset="foo", Distillation="None"))
-    with pytest.raises(twd.ConfigError, match="--student_arch.*WResNet-11-1"):
-        twd.resolve_config(twd.make_config(student_arch="WResNet-11-1", Distillation="None"))
-    with pytest.raises(twd.ConfigError, match="--model_name"):
-        twd.resolve_config(twd.make_config(student_arch="ResNet-20", Distillation="None"))
-    with pytest.raises(twd.ConfigError, match="--teacher_params is required"):
-        twd.resolve_config(twd.make_config(dataset="synthetic"))
-    with pytest.raises(twd.ConfigError, match="--Distillation"):
-        twd.resolve_config(twd.make_config(Distillation="KD"))
-    with pytest.raises(twd.ConfigError, match="unknown setting"):
-        twd.make_config(learning_rte=0.1)
-    cfg = twd.resolve_config(twd.make_config(Distillation="None"))
+    with pytest.raises(config.ConfigError, match=r"--dataset.*'foo'.*synthetic"):
+        config.resolve_config(config.make_config(dataset="foo", Distillation="None"))
+    with pytest.raises(config.ConfigError, match="--student_arch.*WResNet-11-1"):
+        config.resolve_config(config.make_config(student_arch="WResNet-11-1", Distillation="None"))
+    with pytest.raises(config.ConfigError, match="--model_name"):
+        config.resolve_config(config.make_config(student_arch="ResNet-20", Distillation="None"))
+    with pytest.raises(config.ConfigError, match="--teacher_params is required"):
+        config.resolve_config(config.make_config(dataset="synthetic"))
+    with pytest.raises(config.ConfigError, match="--Distillation"):
+        config.resolve_config(config.make_config(Distillation="KD"))
+    with pytest.raises(config.ConfigError, match="unknown setting"):
+        config.make_config(learning_rte=0.1)
+    cfg = config.resolve_config(config.make_config(Distillation="None"))
     assert (cfg.student_arch, cfg.teacher_arch, cfg.init_epoch) == ("WResNet-16-4", "WResNet-40-4", 0)
-    assert twd.resolve_config(twd.make_config(teacher_params="t.mat")).init_epoch == 20
+    assert config.resolve_config(config.make_config(teacher_params="t.mat")).init_epoch == 20
 
 
 def test_teacher_params_must_match_teacher_arch(teacher_run, tmp_path):
@@ -262,26 +262,26 @@ def test_teacher_params_must_match_teacher_arch(teacher_run, tmp_path):
                 synthetic_classes=10, synthetic_train_per_class=2, synthetic_test_per_class=1,
                 synthetic_image_size=16, batch_size=4, train_epoch=1, init_epoch=1)
     with pytest.raises(ParamsMismatchError, match="--teacher_params") as err:
-        twd.run(twd.make_config(train_dir=str(tmp_path / "a"), teacher_arch="WResNet-16-2",
+        trainer.run(config.make_config(train_dir=str(tmp_path / "a"), teacher_arch="WResNet-16-2",
                                 teacher_params=teacher_run["result"]["train_params"], **base))
     assert "Teacher/WResblock0/BasicBlock1/conv0/weights" in str(err.value)  # a missing block
     with pytest.raises(FileNotFoundError, match="--teacher_params"):
-        twd.run(twd.make_config(train_dir=str(tmp_path / "b"), teacher_arch="WResNet-10-2",
+        trainer.run(config.make_config(train_dir=str(tmp_path / "b"), teacher_arch="WResNet-10-2",
                                 teacher_params=str(tmp_path / "nope.mat"), **base))
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     train_dir = str(tmp_path)
-    twd.run(twd.make_config(train_dir=train_dir, stop_after=1, **RESUME))
+    trainer.run(config.make_config(train_dir=train_dir, stop_after=1, **RESUME))
     ckpt_dir = os.path.join(train_dir, "ckpt")
     before = {p: open(p, "rb").read() for p in glob.glob(os.path.join(ckpt_dir, "*"))}
-    with pytest.raises(twd.NonFiniteLossError, match=r"non-finite .* at step \d+ \(epoch 1\)") as err:
-        twd.run(twd.make_config(train_dir=train_dir, resume=True,
+    with pytest.raises(trainer.NonFiniteLossError, match=r"non-finite .* at step \d+ \(epoch 1\)") as err:
+        trainer.run(config.make_config(train_dir=train_dir, resume=True,
                                 **{**RESUME, "learning_rate": 1e30}))
-    assert "ckpt-1" in str(err.value) and "\n" not in str(err.value)
+    assert "ckpt-4" in str(err.value) and "\n" not in str(err.value)  # 4 steps per epoch
     after = {p: open(p, "rb").read() for p in glob.glob(os.path.join(ckpt_dir, "*"))}
     assert after == before
-    assert tf.train.latest_checkpoint(ckpt_dir).endswith("ckpt-1")
+    assert tf.train.latest_checkpoint(ckpt_dir).endswith("ckpt-4")
     assert not os.path.exists(os.path.join(train_dir, "train_params.mat"))
 
 
@@ -290,20 +290,20 @@ def test_call_step_turns_nonfinite_values_into_one_line_errors():
     def checked(x):  # like IEPDistiller, which asserts its losses are finite inside the step
         return {"loss": tf.debugging.assert_all_finite(x, "IEPDistiller: non-finite distillation loss k_alt")}
 
-    assert twd.call_step(checked, tf.constant(1.5), where="step 1 (epoch 0)") == {"loss": 1.5}
-    with pytest.raises(twd.NonFiniteLossError,
+    assert trainer.call_step(checked, tf.constant(1.5), where="step 1 (epoch 0)") == {"loss": 1.5}
+    with pytest.raises(trainer.NonFiniteLossError,
                        match=r"at step 3 \(epoch 0\): IEPDistiller: non-finite distillation loss k_alt \(Tensor "
                              r"had NaN values\);"
                              r" stopped, last good checkpoint: ck/ckpt-2$") as err:
-        twd.call_step(checked, tf.constant(np.nan), where="step 3 (epoch 0)", checkpoint="ck/ckpt-2")
+        trainer.call_step(checked, tf.constant(np.nan), where="step 3 (epoch 0)", checkpoint="ck/ckpt-2")
     assert "\n" not in str(err.value)
 
     @tf.function
     def returned(x):
         return {"accuracy": x, "cross_entropy": tf.ones_like(x), "k_bb": x, "loss": x}
 
-    with pytest.raises(twd.NonFiniteLossError, match=r"non-finite loss k_bb = inf at step 9"):
-        twd.call_step(returned, tf.constant(np.inf), where="step 9 (epoch 2)")
+    with pytest.raises(trainer.NonFiniteLossError, match=r"non-finite loss k_bb = inf at step 9"):
+        trainer.call_step(returned, tf.constant(np.inf), where="step 9 (epoch 2)")
 
     @tf.function
     def other(x):
@@ -311,18 +311,18 @@ def test_call_step_turns_nonfinite_values_into_one_line_errors():
             return {"loss": tf.identity(x)}
 
     with pytest.raises(tf.errors.InvalidArgumentError):
-        twd.call_step(other, tf.constant(-1.0), where="step 1 (epoch 0)")
+        trainer.call_step(other, tf.constant(-1.0), where="step 1 (epoch 0)")
 
 
-def _cli(*args, timeout=120):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPO)
+def _cli(*args, timeout=120, env=None):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": REPO, **(env or {})}
     return subprocess.run([sys.executable, os.path.join(REPO, "train_w_distill.py"), *args],
                           capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO)
 
 
 def test_cli_help_and_errors(tmp_path):
     out = _cli("--helpfull")  # absl prints the help and exits (status 1)
-    for name in twd.FLAG_NAMES:
+    for name in config.FLAG_NAMES:
         assert f"--{name}" in out.stdout or f"--[no]{name}" in out.stdout, name
     bad = _cli("--dataset", "foo", "--train_dir", str(tmp_path))
     assert bad.returncode != 0
@@ -370,16 +370,24 @@ def test_damaged_teacher_params_are_one_line_errors(teacher_run, tmp_path, kind)
 
 
 def test_console_has_no_absl_info_lines(tmp_path):
-    """absl's Python INFO lines (one per checkpoint: 'Sharding callback duration') are off unless
-    --verbosity asks for them."""
+    """absl's Python INFO lines (one per checkpoint: 'Sharding callback duration') and TensorFlow's
+    C++ start-up lines (oneDNN, CUDA stubs, cuInit: printed whatever TF_CPP_MIN_LOG_LEVEL says)
+    are off unless --verbosity asks for them: the console holds the project's lines only."""
     args = ("--Distillation", "None", "--main_scope", "Student", "--student_arch", "WResNet-10-1",
             "--dataset", "synthetic", "--synthetic_classes", "2", "--synthetic_train_per_class", "8",
             "--synthetic_test_per_class", "2", "--synthetic_image_size", "16", "--batch_size", "8",
             "--train_epoch", "1", "--vis_every", "0", "--precision", "float32")
     info = re.compile(r"^I\d{4} [\d:. ]+\d+ \S+\.py:\d+\]", re.M)
-    quiet = _cli(*args, "--train_dir", str(tmp_path / "quiet"))
+    native = re.compile(r"^[IWE]\d{4} [\d:.]+\s+\d+ \S+\.cc:\d+\]", re.M)
+    env = {"TF_CPP_MIN_LOG_LEVEL": "0"}  # even so
+    quiet = _cli(*args, "--train_dir", str(tmp_path / "quiet"), env=env)
     assert quiet.returncode == 0, quiet.stderr
     assert "Finished training!" in quiet.stdout
     assert not info.findall(quiet.stdout + quiet.stderr), quiet.stderr
-    loud = _cli(*args, "--train_dir", str(tmp_path / "loud"), "--verbosity", "0")
+    assert quiet.stderr.strip() == "", quiet.stderr
+    project = re.compile(r"^(Epoch \d{3} |Finished training!|TensorBoard logs:|Parameters:|"
+                         r"Accuracy log:|Checkpoints:)")
+    assert all(project.match(ln) for ln in quiet.stdout.splitlines() if ln.strip()), quiet.stdout
+    loud = _cli(*args, "--train_dir", str(tmp_path / "loud"), "--verbosity", "0", env=env)
     assert info.findall(loud.stdout + loud.stderr), "the check above would not see absl INFO lines"
+    assert native.findall(loud.stderr), "the check above would not see TensorFlow's C++ lines"

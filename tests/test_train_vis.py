@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import train_w_distill as twd
+from iepkt_tf import config, trainer
+from iepkt_tf.frames import VIS_PANEL, EpochFrames, vis_due
 from iepkt_tf import visualize
 from iepkt_tf.mat_io import load_mat
 from tests.test_tensorboard_server import serve_and_check
@@ -52,13 +53,13 @@ def by_plugin(events, plugin):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("vis_runs")
-    teacher = twd.run(twd.make_config(train_dir=str(root / "teacher"), **TEACHER))
+    teacher = trainer.run(config.make_config(train_dir=str(root / "teacher"), **TEACHER))
     iep = dict(IEP, teacher_params=teacher["train_params"])
     train_dir = str(root / "iep")
-    first = twd.run(twd.make_config(train_dir=train_dir, stop_after=1, **iep))
+    first = trainer.run(config.make_config(train_dir=train_dir, stop_after=1, **iep))
     assert first["stopped"]
-    resumed = twd.run(twd.make_config(train_dir=train_dir, resume=True, **iep))
-    plain = twd.run(twd.make_config(train_dir=str(root / "novis"), **dict(iep, vis_every=0)))
+    resumed = trainer.run(config.make_config(train_dir=train_dir, resume=True, **iep))
+    plain = trainer.run(config.make_config(train_dir=str(root / "novis"), **dict(iep, vis_every=0)))
     return dict(root=root, teacher=teacher, iep=resumed, novis=plain, iep_cfg=iep,
                 events=read_events(train_dir))
 
@@ -96,11 +97,11 @@ def test_hparams_logged_once_with_the_run_settings(runs):
     assert hp["Distillation"] == "IEP" and hp["student_arch"] == "WResNet-10-1"
     assert hp["teacher_arch"] == "WResNet-10-2" and hp["k_int"] is True
     assert hp["init_epoch"] == 1 and hp["mpnn_iter"] == 2 and hp["learning_rate"] == pytest.approx(0.1)
-    assert set(hp) == set(twd.run_hparams(twd.resolve_config(twd.make_config(**runs["iep_cfg"]))))
-    assert not set(hp) & set(twd.HPARAMS_EXCLUDE)
+    assert set(hp) == set(config.run_hparams(config.resolve_config(config.make_config(**runs["iep_cfg"]))))
+    assert not set(hp) & set(config.HPARAMS_EXCLUDE)
     exp = plugin_data_pb2.HParamsPluginData.FromString(events["_hparams_/experiment"][0][3]).experiment
     metrics = [m.name.tag for m in exp.metric_infos]
-    assert metrics == list(twd.HPARAMS_METRICS)
+    assert metrics == list(config.HPARAMS_METRICS)
     scalars = by_plugin(events, "scalars")
     assert set(metrics) <= set(scalars)                               # the dashboard finds them
     final = sorted(scalars["accuracy/validation"], key=lambda e: e[0])[-1][2]
@@ -148,8 +149,8 @@ def test_visualize_run_dir_reproduces_the_frames(runs, tmp_path):
     train_dir, out = runs["iep"]["train_dir"], str(tmp_path / "gifs")
     cfg = visualize.config(run_dir=train_dir, out_dir=out, dataset="synthetic", split="test",
                            num_images=BASE["vis_images"], seed=BASE["seed"],
-                           image_size=BASE["synthetic_image_size"], size=twd.VIS_PANEL["size"],
-                           thumb=twd.VIS_PANEL["thumb"], teacher_params=runs["iep_cfg"]["teacher_params"],
+                           image_size=BASE["synthetic_image_size"], size=VIS_PANEL["size"],
+                           thumb=VIS_PANEL["thumb"], teacher_params=runs["iep_cfg"]["teacher_params"],
                            mpnn_iter=2, gifs=["embedding"])
     files = visualize.visualize(cfg, log=lambda s: None)
     n_snaps = len(visualize.find_snapshots(train_dir))
@@ -172,34 +173,34 @@ def test_resumed_frames_keep_the_saved_orientation(runs, tmp_path):
     from iepkt_tf.mat_io import assign_params
     from nets.nets_factory import get_network
 
-    cfg = twd.resolve_config(twd.make_config(train_dir=str(tmp_path), **TEACHER))
+    cfg = config.resolve_config(config.make_config(train_dir=str(tmp_path), **TEACHER))
     data = load_dataset("synthetic", None, 0, image_size=16)
     net = get_network("WResNet-10-2", data.num_classes, "Teacher", (16, 16), is_main=False)
     assign_params(net.tf1_variables(), load_mat(runs["teacher"]["train_params"]), scope="Teacher")
     writer = tf.summary.create_file_writer(str(tmp_path))
-    first, _ = twd.EpochFrames(cfg, data.test_images, data.test_labels, net)(writer, 0)
+    first, _ = EpochFrames(cfg, data.test_images, data.test_labels, net)(writer, 0)
     path = os.path.join(str(tmp_path), "vis", "frame_coords.npz")
     with np.load(path) as z:
         assert int(z["epoch"]) == 0
         flipped = {k: -z[k] for k in z.files if k != "epoch"}
     np.savez(path, epoch=0, **flipped)                      # a previous frame with the other signs
-    again, _ = twd.EpochFrames(cfg, data.test_images, data.test_labels, net, start_epoch=1)(writer, 1)
+    again, _ = EpochFrames(cfg, data.test_images, data.test_labels, net, start_epoch=1)(writer, 1)
     for k in first.coords:
         np.testing.assert_array_equal(again.coords[k], -first.coords[k], err_msg=k)
     # a saved frame from the resume epoch or later is not a previous frame: ignored
-    fresh = twd.EpochFrames(cfg, data.test_images, data.test_labels, net, start_epoch=1)
+    fresh = EpochFrames(cfg, data.test_images, data.test_labels, net, start_epoch=1)
     assert fresh.reference is None
     writer.close()
 
 
 def test_vis_flags_are_checked():
-    with pytest.raises(twd.ConfigError, match="--vis_every"):
-        twd.resolve_config(twd.make_config(Distillation="None", vis_every=-1))
-    with pytest.raises(twd.ConfigError, match="--vis_images"):
-        twd.resolve_config(twd.make_config(Distillation="None", vis_images=2))
-    cfg = twd.make_config(Distillation="None", vis_every=3)
-    assert [e for e in range(8) if twd.vis_due(cfg, e, 8)] == [2, 5, 7]   # and the last epoch
-    assert not any(twd.vis_due(twd.make_config(vis_every=0), e, 8) for e in range(8))
+    with pytest.raises(config.ConfigError, match="--vis_every"):
+        config.resolve_config(config.make_config(Distillation="None", vis_every=-1))
+    with pytest.raises(config.ConfigError, match="--vis_images"):
+        config.resolve_config(config.make_config(Distillation="None", vis_images=2))
+    cfg = config.make_config(Distillation="None", vis_every=3)
+    assert [e for e in range(8) if vis_due(cfg, e, 8)] == [2, 5, 7]   # and the last epoch
+    assert not any(vis_due(config.make_config(vis_every=0), e, 8) for e in range(8))
 
 
 def test_tensorboard_serves_the_run(runs):
@@ -213,5 +214,5 @@ def test_tensorboard_serves_the_run(runs):
                     scalar_tags=tuple(losses) + ("accuracy/train", "accuracy/validation", "learning_rate"),
                     image_tags=tuple(sorted(by_plugin(events, "images"))),
                     hist_tags=tuple(sorted(by_plugin(events, "histograms"))),
-                    hparams=tuple(twd.run_hparams(twd.resolve_config(twd.make_config(**runs["iep_cfg"])))),
-                    metrics=twd.HPARAMS_METRICS)
+                    hparams=tuple(config.run_hparams(config.resolve_config(config.make_config(**runs["iep_cfg"])))),
+                    metrics=config.HPARAMS_METRICS)

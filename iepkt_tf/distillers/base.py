@@ -8,8 +8,9 @@ listed in ``iepkt_tf.distillers.METHODS``. The training loop and the one train-s
   method as :class:`Sensed` (logits, the 4 post-ReLU ``feats`` of the networks and, when
   ``needs_pre_relu``, the same points before their ReLU);
 * **phases**: an initial phase of ``options['init_epoch']`` epochs (default ``default_init_epoch``)
-  trains :meth:`init_variables` (plus the student when ``init_trains_student``) on
-  :meth:`init_losses`; then the main phase trains the student and :meth:`main_variables` on
+  trains :meth:`init_variables` (plus the student when ``init_trains_student``; the optimiser's
+  momentum is then reset when the main phase starts, as the authors' separate optimisers do) on
+  :meth:`init_losses` at ``init_learning_rate`` (if set, else the schedule's rate); then the main phase trains the student and :meth:`main_variables` on
   ``ce_weight * CE + `` the terms of :meth:`main_losses`;
 * **gradient rule**: ``grad_rule = "weighted"`` differentiates the weighted sum;
   ``"clip"`` clips the gradient of each group of :meth:`clip_groups` per variable against the
@@ -60,6 +61,18 @@ def unit_interval(value):
     return None if isinstance(value, (int, float)) and 0 <= value <= 1 else "must be in [0, 1]"
 
 
+def connector(in_channels, out_channels, name):
+    """The student-side 1x1 conv + BN of a sensing point (AT, AB, CO, MHGD), ``(conv, bn)`` with
+    their variables created (float32; Keras names ``<name>_conv``/``<name>_bn``)."""
+    from nets.layers import BatchNorm, Conv2D
+
+    conv = Conv2D(out_channels, 1, name=f"{name}_conv", dtype="float32")
+    conv.build((None, None, None, int(in_channels)))
+    bn = BatchNorm(name=f"{name}_bn", dtype="float32")
+    bn.build((None, None, None, int(out_channels)))
+    return conv, bn
+
+
 class Distiller:
     """Base of every method. Subclasses set the class attributes and override what they use.
 
@@ -74,6 +87,8 @@ class Distiller:
     needs_pre_relu = False
     default_init_epoch = 0
     init_trains_student = False
+    init_learning_rate = None  # a constant rate for the initial phase (None: the schedule's)
+    main_needs_teacher = True  # False: the main phase is cross-entropy alone (AB)
     grad_rule = "weighted"  # or "clip"
     ce_weight = 1.0
     flags: tuple = ()
@@ -81,6 +96,12 @@ class Distiller:
 
     def __init__(self, student, teacher, options):
         self.student, self.teacher, self.options = student, teacher, dict(options)
+
+    @staticmethod
+    def check_options(options):
+        """An error text when the method's flag values do not go together (each flag's own
+        ``check`` has passed), else None."""
+        return None
 
     # ---- initial phase
     def init_variables(self):
@@ -107,8 +128,9 @@ class Distiller:
         return {}
 
     def clip_groups(self, terms):
-        """With ``grad_rule == "clip"``: groups of term names whose summed gradient is clipped once."""
-        return [tuple(terms)]
+        """With ``grad_rule == "clip"``: ``{group name: term names}``, each group's summed gradient
+        clipped once (default: all terms as one group ``distill``)."""
+        return {"distill": tuple(terms)}
 
     # ---- names and state
     def tf1_layers(self):
@@ -120,6 +142,10 @@ class Distiller:
 
         layers = self.tf1_layers()
         return collect_tf1_variables(layers, prefix=TF1_SCOPE) if layers else {}
+
+    def panel_layer(self):
+        """The layer drawn in the interpretability panels next to the student (IEP's), or None."""
+        return None
 
     def state_variables(self):
         """Everything a checkpoint must hold: ``{name: variable}`` (default: the TF1 names)."""

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from iepkt_tf.distillers.base import Distiller, Flag, positive, unit_interval
+
 DEFAULT_TEMPERATURE = 4.0
 DEFAULT_WEIGHT = 0.9
 
@@ -21,3 +23,23 @@ def kd_loss(student_logits, teacher_logits, temperature=DEFAULT_TEMPERATURE):
     log_pt = tf.nn.log_softmax(t, axis=-1)
     kl = tf.reduce_sum(tf.exp(log_pt) * (log_pt - tf.nn.log_softmax(s, axis=-1)), axis=-1)
     return temperature ** 2 * tf.reduce_mean(kl)
+
+
+class KD(Distiller):
+    """``ce_weight = 1 - alpha``; the one term ``kd = alpha * kd_loss`` on the logits."""
+    name = "KD"
+    flags = (
+        Flag("float", "kd_temperature", DEFAULT_TEMPERATURE,
+             "KD: softmax temperature T (the soft term is scaled by T^2).", check=positive),
+        Flag("float", "kd_weight", DEFAULT_WEIGHT,
+             "KD: weight alpha of the soft term; the cross-entropy gets 1 - alpha.", check=unit_interval),
+    )
+
+    def __init__(self, student, teacher, options):
+        super().__init__(student, teacher, options)
+        self.temperature = float(self.options["kd_temperature"])
+        self.alpha = float(self.options["kd_weight"])
+        self.ce_weight = 1.0 - self.alpha
+
+    def main_losses(self, student, teacher, labels, seed):
+        return {"kd": self.alpha * kd_loss(student.logits, teacher.logits, self.temperature)}

@@ -1,0 +1,339 @@
+"""The settings of a training run: the flags of ``train_w_distill.py`` (general ones here, each
+method's own in its ``iepkt_tf/distillers`` module), their validation and the resume check.
+
+``define_flags`` puts every flag on absl's FLAGS for the script; ``make_config(**overrides)`` gives
+the same settings in-process; ``resolve_config`` validates them (a one-line ``ConfigError`` naming
+the flag) and fills the derived ones (architectures, ``init_epoch``, precision, jit).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import types
+
+from absl import flags
+
+from dataloader.datasets import DATASETS
+from iepkt_tf.atomic import atomic_open
+from iepkt_tf.distillers import METHODS
+
+MODEL_NAMES = ("WResNet", "ResNet")
+SCOPES = ("Student", "Teacher")
+
+# (kind, name, default, help[, enum values]) of every general flag, in --helpfull order.
+FLAG_SPECS = (
+    ("string", "train_dir", "IEP/CIFAR100/WResNet/IEP/",
+     "Directory where checkpoints (ckpt/), TensorBoard event logs, train_params.mat and log.mat "
+     "are written."),
+    ("enum", "Distillation", "IEP",
+     "Distillation method (iepkt_tf/distillers/): 'None' trains --main_scope's network on "
+     "cross-entropy; every other method trains the student with knowledge of the teacher in "
+     "--teacher_params: " + ", ".join(m for m in METHODS if m != "None") + ". A method's own "
+     "flags are prefixed with its name in their help.", tuple(METHODS)),
+    ("enum", "dataset", "cifar100",
+     "Dataset: 'synthetic' and 'synthetic_parts' are generated (no files needed); the others are read from --data_dir "
+     "(see dataloader/datasets.py for the layouts).", tuple(DATASETS)),
+    ("enum", "model_name", "WResNet",
+     "Network family of the main network. WResNet defaults to WResNet-16-4 (Student) and "
+     "WResNet-40-4 (Teacher); ResNet needs --student_arch/--teacher_arch.", MODEL_NAMES),
+    ("enum", "main_scope", "Student",
+     "The network being trained and saved (its TF1 scope). Train a teacher with --main_scope "
+     "Teacher --Distillation None.", SCOPES),
+    ("string", "student_arch", None,
+     "Student architecture, e.g. WResNet-16-4, WResNet-16-2, ResNet-20 (default: WResNet-16-4 "
+     "for --model_name WResNet)."),
+    ("string", "teacher_arch", None,
+     "Teacher architecture, e.g. WResNet-40-4, ResNet-56 (default: WResNet-40-4 for --model_name "
+     "WResNet). With IEP it must match --teacher_params."),
+    ("string", "teacher_params", None,
+     "Teacher parameters: a .mat written by this script with --main_scope Teacher (or the "
+     "authors' train_params.mat). Required with every --Distillation but None."),
+    ("string", "data_dir", None, "Directory holding the dataset files (not used by synthetic)."),
+    ("float", "sample_rate", 1.0,
+     "Fraction of the training set used, class-balanced (the paper's 1.0/0.5/0.25/0.1); the test "
+     "set is never subsampled."),
+    ("integer", "train_epoch", 100, "Epochs of the main phase (student training)."),
+    ("integer", "init_epoch", None,
+     "Epochs of the initial phase of a method that has one (it trains the distillation module, "
+     "or with AB the student on the boundary loss); default: the method's (IEP 20), 0 otherwise."),
+    ("integer", "batch_size", 128, "Training batch size."),
+    ("integer", "val_batch_size", 200, "Validation batch size."),
+    ("float", "learning_rate", 0.1,
+     "Initial learning rate; multiplied by 0.2 at 30, 60 and 80 percent of the main phase."),
+    ("float", "weight_decay", 5e-4,
+     "L2 weight decay: gradient += wd * w on conv/FC weights and BN gamma/beta; the distillation "
+     "module gets wd * sum(w^2) added to its loss (as in the authors' Optimizer_w_MHGD)."),
+    ("integer", "seed", 0,
+     "Seed of the initialisation, the data order and augmentation, dropout and drop-head noise "
+     "(and of the synthetic dataset)."),
+    ("boolean", "resume", False,
+     "Continue from the last checkpoint in --train_dir/ckpt (to the same result as an "
+     "uninterrupted run); starts from scratch if there is none."),
+    ("integer", "stop_after", 0,
+     "Stop (as if interrupted) after this many epochs of this invocation, keeping the checkpoint; "
+     "continue later with --resume. 0 = run to the end."),
+    ("enum", "precision", "auto",
+     "Keras dtype policy. auto = mixed_float16 on GPU (with a dynamic loss scale); on CPU "
+     "mixed_bfloat16 where the CPU has native bfloat16 (AVX512-BF16/AMX: 1.6-1.7x faster here, "
+     "the distiller's linear algebra stays float32), else float32. float32 = the authors' "
+     "arithmetic.",
+     ("auto", "float32", "mixed_float16", "mixed_bfloat16")),
+    ("enum", "jit", "auto",
+     "XLA compilation of the steps. auto = off on CPU (XLA is slower there); on GPU on for plain "
+     "training and evaluation, off for the IEP steps (eigh/SVD).", ("auto", "true", "false")),
+    ("boolean", "deterministic", True,
+     "Enable TensorFlow op determinism (bitwise-reproducible runs and resumes; can be slower on "
+     "GPU)."),
+    ("integer", "log_every", 200, "Print a progress line and write step summaries every N steps."),
+    ("integer", "vis_every", 5,
+     "Interpretability frames every N epochs and at the last epoch (0 = off), between epochs only: "
+     "on a fixed, seeded sample of --vis_images test images the stacked-PCA embedding, graph and "
+     "heat-map panels of sensing points 1-3 go to TensorBoard (images iep/point{1,2,3}/..., "
+     "histograms of the first two coordinates); with IEP the student is drawn in the teacher's "
+     "frame next to the MPNN estimate A^ and messages, without IEP the main network alone. Each "
+     "frame keeps the previous frame's orientation. See also --vis_snapshots."),
+    ("integer", "vis_images", 64,
+     "Size of the fixed, seeded test-set sample drawn by --vis_every (at least 3)."),
+    ("boolean", "vis_snapshots", True,
+     "With --vis_every: also save each frame's parameters (main network, plus the distiller with "
+     "IEP; about the size of train_params.mat) to TRAIN_DIR/vis/params_epoch_XXX.mat, for GIFs "
+     "with `python -m iepkt_tf.visualize --run_dir TRAIN_DIR`."),
+    ("integer", "keep_checkpoints", 2, "Number of per-epoch checkpoints kept in --train_dir/ckpt."),
+    ("integer", "synthetic_classes", None,
+     "Generated datasets: number of classes (default synthetic 10, synthetic_parts 40)."),
+    ("integer", "synthetic_train_per_class", None,
+     "Generated datasets: training images per class (default synthetic 200, synthetic_parts 125)."),
+    ("integer", "synthetic_test_per_class", None,
+     "Generated datasets: test images per class (default synthetic 50, synthetic_parts 50)."),
+    ("integer", "synthetic_image_size", None, "Generated datasets: image height and width (default 32)."),
+)
+
+
+def _method_specs():
+    """The methods' own flags as specs, each once, with the method(s) declaring it."""
+    specs, owners = {}, {}
+    for mname, method in METHODS.items():
+        for f in method.flags:
+            spec = (f.kind, f.name, f.default, f.help) + ((tuple(f.enum),) if f.kind == "enum" else ())
+            if f.name in specs and specs[f.name] != spec:
+                raise RuntimeError(f"flag --{f.name} is declared differently by {owners[f.name]} and {mname}")
+            specs[f.name] = spec
+            owners.setdefault(f.name, []).append(mname)
+    return tuple(specs.values()), {k: tuple(v) for k, v in owners.items()}
+
+
+METHOD_FLAG_SPECS, FLAG_OWNERS = _method_specs()
+ALL_SPECS = FLAG_SPECS + METHOD_FLAG_SPECS
+FLAG_NAMES = tuple(spec[1] for spec in ALL_SPECS)
+FLAG_DEFAULTS = {spec[1]: spec[2] for spec in ALL_SPECS}
+ENUMS = {spec[1]: tuple(spec[4]) for spec in ALL_SPECS if spec[0] == "enum"}
+
+# Settings that must not change when a run is resumed (they define the run's state and data).
+RESUME_KEYS = ("Distillation", "dataset", "main_scope", "student_arch", "teacher_arch",
+               "sample_rate", "batch_size", "seed", "init_epoch", "train_epoch",
+               "synthetic_classes", "synthetic_train_per_class", "synthetic_test_per_class",
+               "synthetic_image_size") + tuple(spec[1] for spec in METHOD_FLAG_SPECS)
+
+
+class ConfigError(ValueError):
+    """A flag value is invalid or inconsistent (the message names the flag and what was expected)."""
+
+
+def define_specs(specs, flag_values):
+    """Define absl flags from ``(kind, name, default, help[, enum])`` specs on ``flag_values``."""
+    for kind, name, default, help_text, *enum in specs:
+        definer = getattr(flags, "DEFINE_" + kind)
+        if kind == "enum":
+            definer(name, default, list(enum[0]), help_text, flag_values=flag_values)
+        else:
+            definer(name, default, help_text, flag_values=flag_values)
+    return flag_values
+
+
+def define_flags(flag_values=None):
+    """Define the script's flags on ``flag_values`` (absl's global FLAGS by default). Importing
+    this module defines nothing, so it never clashes with other tools' flags."""
+    return define_specs(ALL_SPECS, flags.FLAGS if flag_values is None else flag_values)
+
+
+def make_config(**overrides):
+    """The flag defaults as a namespace, with ``overrides`` (for calling ``run`` in-process)."""
+    unknown = sorted(set(overrides) - set(FLAG_NAMES))
+    if unknown:
+        raise ConfigError(f"unknown setting(s) {unknown}; known: {', '.join(FLAG_NAMES)}")
+    values = dict(FLAG_DEFAULTS)
+    values.update(overrides)
+    cfg = types.SimpleNamespace(**values)
+    cfg.given = tuple(sorted(overrides))
+    return cfg
+
+
+def config_from_flags(flag_values=None):
+    fv = flags.FLAGS if flag_values is None else flag_values
+    cfg = types.SimpleNamespace(**{name: getattr(fv, name) for name in FLAG_NAMES})
+    cfg.given = tuple(name for name in FLAG_NAMES if fv[name].present)
+    return cfg
+
+
+def method_options(cfg):
+    """``{flag: value}`` of the chosen method's own flags, plus ``init_epoch``."""
+    method = METHODS[cfg.Distillation]
+    options = {f.name: getattr(cfg, f.name) for f in method.flags}
+    options["init_epoch"] = cfg.init_epoch
+    return options
+
+
+def _check_method_flags(cfg, method):
+    """A flag of another method is an error; each of this method's flags passes its check."""
+    for name in getattr(cfg, "given", ()):
+        owners = FLAG_OWNERS.get(name)
+        if owners and method.name not in owners:
+            raise ConfigError(f"--{name} is a flag of --Distillation {'/'.join(owners)}, not of "
+                              f"{method.name}")
+    for f in method.flags:
+        value = getattr(cfg, f.name)
+        problem = f.check(value) if f.check is not None else None
+        if problem:
+            raise ConfigError(f"--{f.name} {problem}, got {value!r}")
+    problem = method.check_options({f.name: getattr(cfg, f.name) for f in method.flags})
+    if problem:
+        raise ConfigError(problem)
+
+
+def _choice(cfg, name, valid):
+    value = getattr(cfg, name)
+    if value not in valid:
+        raise ConfigError(f"--{name}: unknown value {value!r}; valid values: {', '.join(valid)}")
+    return value
+
+
+def _at_least(cfg, name, low):
+    value = getattr(cfg, name)
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ConfigError(f"--{name} must be an integer >= {low}, got {value!r}")
+    return value
+
+
+def resolve_config(cfg):
+    """Validate ``cfg`` and fill the derived settings (architectures, init_epoch, precision, jit)."""
+    import tensorflow as tf
+
+    from op_util.device import default_jit, default_precision
+
+    from nets.nets_factory import DEFAULT_ARCH, parse_arch
+
+    cfg = types.SimpleNamespace(**vars(cfg))
+    missing = [n for n in FLAG_NAMES if not hasattr(cfg, n)]
+    if missing:
+        raise ConfigError(f"missing setting(s) {missing}; build the config with make_config()")
+    for name, valid in ENUMS.items():
+        _choice(cfg, name, valid)
+    if not cfg.train_dir:
+        raise ConfigError("--train_dir must be a directory path")
+    method = METHODS[cfg.Distillation]
+    _check_method_flags(cfg, method)
+    distill = method.needs_teacher
+    if cfg.init_epoch is None:
+        cfg.init_epoch = method.default_init_epoch
+    _at_least(cfg, "init_epoch", 0)
+    _at_least(cfg, "train_epoch", 0)
+    if cfg.init_epoch + cfg.train_epoch < 1:
+        raise ConfigError("--init_epoch + --train_epoch must be >= 1")
+    _at_least(cfg, "batch_size", 2 if distill else 1)
+    _at_least(cfg, "val_batch_size", 1)
+    _at_least(cfg, "seed", 0)
+    _at_least(cfg, "stop_after", 0)
+    _at_least(cfg, "log_every", 1)
+    _at_least(cfg, "keep_checkpoints", 1)
+    _at_least(cfg, "vis_every", 0)
+    _at_least(cfg, "vis_images", 3)
+    for name in ("synthetic_classes", "synthetic_train_per_class", "synthetic_test_per_class",
+                 "synthetic_image_size"):
+        if getattr(cfg, name) is not None:
+            _at_least(cfg, name, 1 if name != "synthetic_classes" else 2)
+    if not (isinstance(cfg.learning_rate, (int, float)) and cfg.learning_rate > 0
+            and math.isfinite(cfg.learning_rate)):
+        raise ConfigError(f"--learning_rate must be a positive number, got {cfg.learning_rate!r}")
+    if not (isinstance(cfg.weight_decay, (int, float)) and cfg.weight_decay >= 0):
+        raise ConfigError(f"--weight_decay must be >= 0, got {cfg.weight_decay!r}")
+    if cfg.init_epoch and not method.default_init_epoch:
+        with_init = ", ".join(n for n, m in METHODS.items() if m.default_init_epoch)
+        raise ConfigError(f"--init_epoch > 0: --Distillation {cfg.Distillation} has no initial phase "
+                          f"(methods with one: {with_init})")
+
+    for scope in SCOPES:
+        flag = scope.lower() + "_arch"
+        arch = getattr(cfg, flag)
+        if arch is None:
+            if cfg.model_name != "WResNet":
+                if scope == cfg.main_scope or distill:
+                    raise ConfigError(f"--{flag} is required with --model_name {cfg.model_name} "
+                                      f"(e.g. ResNet-20 for a student, ResNet-56 for a teacher)")
+                continue
+            arch = DEFAULT_ARCH[scope]
+        try:
+            family, _, _ = parse_arch(arch)
+        except ValueError as e:
+            raise ConfigError(f"--{flag}: {e}") from None
+        if scope == cfg.main_scope and family != cfg.model_name:
+            raise ConfigError(f"--{flag} {arch} is a {family} network but --model_name is "
+                              f"{cfg.model_name}")
+        setattr(cfg, flag, arch)
+
+    if distill:
+        if cfg.main_scope != "Student":
+            raise ConfigError(f"--main_scope must be Student with --Distillation {cfg.Distillation} "
+                              "(the teacher is loaded from --teacher_params and stays fixed)")
+        if not cfg.teacher_params:
+            raise ConfigError(f"--teacher_params is required with --Distillation {cfg.Distillation}: "
+                              "a .mat written by a run with --main_scope Teacher (or the authors' "
+                              "train_params.mat)")
+
+    gpu = bool(tf.config.list_physical_devices("GPU"))
+    if cfg.precision == "auto":
+        cfg.precision = default_precision(gpu)
+    cfg.jit_plain = cfg.jit == "true" or (cfg.jit == "auto" and default_jit(gpu))
+    cfg.jit_iep = cfg.jit == "true" or (cfg.jit == "auto" and default_jit(gpu, decompositions=True))
+    cfg.main_arch = cfg.student_arch if cfg.main_scope == "Student" else cfg.teacher_arch
+    return cfg
+
+
+def read_run_config(path):
+    """The settings saved in a run's ``run_config.json`` (a ConfigError if it cannot be read)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"--resume: {path} is not a readable run config (expected the JSON this "
+                          f"script writes): {e}") from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"--resume: {path} holds {type(saved).__name__}, expected a JSON object of settings")
+    return saved
+
+
+def check_resume_config(cfg, path):
+    """A ConfigError when ``cfg`` differs from the run config at ``path`` in a RESUME_KEYS setting."""
+    current = {k: getattr(cfg, k) for k in RESUME_KEYS}
+    if os.path.isfile(path):
+        saved = read_run_config(path)
+        diff = [f"--{k} {saved.get(k)!r} -> {current[k]!r}" for k in RESUME_KEYS
+                if k in saved and saved[k] != current[k]]
+        if diff:
+            raise ConfigError(f"--resume: settings differ from the run in {os.path.dirname(path)}: "
+                              + "; ".join(diff))
+
+
+def write_run_config(path, cfg):
+    with atomic_open(path, "w", encoding="utf-8") as f:
+        json.dump({k: getattr(cfg, k) for k in FLAG_NAMES + ("main_arch",)}, f, indent=1, sort_keys=True)
+
+
+# Settings shown in TensorBoard's HParams dashboard: all but where/how the run is stored and reported.
+HPARAMS_EXCLUDE = ("train_dir", "data_dir", "resume", "stop_after", "log_every", "keep_checkpoints",
+                   "vis_every", "vis_images", "vis_snapshots")
+# The scalar tags (all written by the loop below) the dashboard lists next to them.
+HPARAMS_METRICS = ("accuracy/validation", "accuracy/train", "loss/validation", "loss/total")
+def run_hparams(cfg):
+    """The resolved settings logged once per run to the HParams dashboard."""
+    return {k: getattr(cfg, k) for k in FLAG_NAMES + ("main_arch",) if k not in HPARAMS_EXCLUDE}

@@ -1,0 +1,533 @@
+"""The training loop of ``train_w_distill.py`` (TF Model Garden's trainer, apart from the methods
+and from the command line): data, networks, the method's steps, the epoch loop, checkpoints,
+logging and the final ``train_params.mat`` / ``log.mat``.
+
+``run(cfg)`` trains as configured by :mod:`iepkt_tf.config`. An epoch is one pass over a fresh
+permutation of the training set (order from ``(--seed, epoch)``, incomplete last batch dropped);
+the epochs of the method's initial phase come first; validation after every epoch; a checkpoint
+after every epoch and, on SIGTERM/SIGINT, after the step that was running (``--resume``
+continues either exactly, see :mod:`iepkt_tf.checkpoints`).
+
+Differences from the authors' loop (documented choices):
+* An epoch is one pass over a fresh permutation of the training set (the order depends only on
+  ``(--seed, epoch)``) with the incomplete last batch dropped; the authors carry left-over images
+  into the next epoch. The schedule, the phase switch and the warm-up use this epoch index, which is
+  the authors' ``floor(step * batch / N)`` whenever the batch size divides N.
+* Validation runs after every epoch, also during an initial phase (where the training accuracy is
+  printed as 1.00, the authors' placeholder: the student is not trained then). The authors'
+  first log entry comes after the first step (or after the initial phase) and the others at the end
+  of each main-phase epoch; here ``log.mat`` has exactly one entry per epoch.
+* Validation keeps the incomplete last batch (the authors drop it; for CIFAR it divides evenly).
+* Dropout masks and a method's noise (IEP's drop-head) are drawn from stateless seeds ``(--seed, step)``.
+
+The optimiser of IEP is not published; ``op_util`` reconstructs it from the same authors'
+``Optimizer_w_MHGD`` (see op_util/clipping.py).
+"""
+from __future__ import annotations
+
+import math
+import os
+import signal
+import threading
+import time
+import types
+
+from iepkt_tf.config import (HPARAMS_METRICS, ConfigError, check_resume_config,
+                             method_options, resolve_config, run_hparams, write_run_config)
+from iepkt_tf.frames import VIS_PANEL, EpochFrames, vis_due
+
+# Metrics that are not losses (never checked for finiteness, never listed as terms).
+NOT_LOSSES = ("accuracy", "applied", "warmup", "sec_per_step")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a non-finite loss; the run stopped without writing a checkpoint."""
+
+
+def run(cfg, epoch_hook=None):
+    """Train as configured by ``cfg`` (``config.make_config(...)`` or the parsed flags).
+
+    ``epoch_hook(event, epoch, state)`` (optional) is called with ``"start"`` before the first epoch
+    of this invocation and ``"epoch_end"`` after each epoch's checkpoint; ``state`` holds
+    ``network``, ``teacher``, ``distiller`` (the method's layer drawn in panels, IEP's), ``method``
+    and ``optimizer``. Returns a dict with the output paths, the per-epoch logs and whether the run
+    stopped early (``--stop_after``, or ``signal``: the name of the signal that stopped it).
+    Raises ConfigError, DatasetNotFoundError, ParamsMismatchError, CheckpointError or
+    NonFiniteLossError.
+    """
+    import keras
+
+    cfg = resolve_config(cfg)
+    policy_before = keras.mixed_precision.global_policy().name
+    det_before = _op_determinism(True) if cfg.deterministic else None
+    try:
+        keras.mixed_precision.set_global_policy(cfg.precision)
+        return _run(cfg, epoch_hook)
+    finally:
+        keras.mixed_precision.set_global_policy(policy_before)
+        if cfg.deterministic and det_before is False:
+            _op_determinism(False)
+
+
+def _op_determinism(enable):
+    """Turn TF op determinism on/off; returns the previous state (None if unknown)."""
+    import tensorflow as tf
+    from tensorflow.python.framework import config as tf_config
+
+    before = getattr(tf_config, "is_op_determinism_enabled", lambda: None)()
+    if enable:
+        tf.config.experimental.enable_op_determinism()
+    elif hasattr(tf_config, "disable_op_determinism"):
+        tf_config.disable_op_determinism()
+    return before
+
+
+# ---------------------------------------------------------------------------------- setting up
+def load_data(cfg):
+    """The (subsampled) training set as tensors, the validation dataset and their sizes."""
+    import numpy as np
+    import tensorflow as tf
+
+    from dataloader.datasets import load_dataset
+    from dataloader.pipeline import eval_dataset, steps_per_epoch, subsample
+
+    kwargs = {}
+    if cfg.dataset.startswith("synthetic"):
+        kwargs = dict(num_classes=cfg.synthetic_classes, train_per_class=cfg.synthetic_train_per_class,
+                      test_per_class=cfg.synthetic_test_per_class, image_size=cfg.synthetic_image_size)
+        kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    data = load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed, **kwargs)
+    try:
+        idx = subsample(data.train_labels, cfg.sample_rate, cfg.seed)
+        spe = steps_per_epoch(len(idx), cfg.batch_size)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    test_labels = np.asarray(data.test_labels)
+    return types.SimpleNamespace(
+        num_classes=data.num_classes, spe=spe, n_val=int(len(test_labels)),
+        image_size=tuple(int(d) for d in data.train_images.shape[1:3]),
+        train_images=tf.constant(data.train_images[idx]),
+        train_labels=tf.constant(np.asarray(data.train_labels)[idx].astype(np.int32)),
+        val_ds=eval_dataset(data.test_images, test_labels.astype(np.int32), cfg.val_batch_size),
+        test_images=data.test_images, test_labels=test_labels)
+
+
+def load_teacher(cfg, num_classes, image_size):
+    """The teacher of ``--teacher_arch`` with ``--teacher_params`` assigned; refused before
+    training when its parameters are non-finite or do not fit the architecture."""
+    import numpy as np
+
+    from iepkt_tf.mat_io import assign_params, load_mat
+    from nets.nets_factory import get_network
+
+    teacher = get_network(cfg.teacher_arch, num_classes, "Teacher", image_size, is_main=False)
+    arrays = load_mat(cfg.teacher_params, what="--teacher_params")
+    scopes = sorted({k.split("/")[0] for k in arrays})
+    if "Teacher" not in scopes:
+        raise ConfigError(f"--teacher_params {cfg.teacher_params}: no parameters under scope "
+                          f"'Teacher' (found scopes {scopes}); train the teacher with "
+                          f"--main_scope Teacher")
+    bad = sorted(k for k, v in arrays.items() if k.startswith("Teacher/")
+                 and np.issubdtype(v.dtype, np.number) and not np.all(np.isfinite(v)))
+    if bad:
+        raise ConfigError(f"--teacher_params {cfg.teacher_params}: non-finite values in {len(bad)} "
+                          f"parameter(s), e.g. {bad[0]}; a teacher that cannot teach")
+    n = assign_params(teacher.tf1_variables(), arrays, scope="Teacher", strict=True,
+                      what=f"--teacher_params {cfg.teacher_params} (--teacher_arch {cfg.teacher_arch})")
+    print(f"{n} Teacher params assigned", flush=True)
+    return teacher
+
+
+def build_models(cfg, data):
+    """``(network, teacher or None, method)`` for ``cfg``."""
+    from iepkt_tf.distillers import METHODS
+    from nets.nets_factory import get_network
+
+    try:
+        network = get_network(cfg.main_arch, data.num_classes, cfg.main_scope, data.image_size,
+                              is_main=True)
+    except ValueError as e:
+        raise ConfigError(f"--{cfg.main_scope.lower()}_arch {cfg.main_arch}: {e}") from None
+    cls = METHODS[cfg.Distillation]
+    teacher = load_teacher(cfg, data.num_classes, data.image_size) if cls.needs_teacher else None
+    options = dict(method_options(cfg), image_size=data.image_size)
+    try:
+        method = cls(network, teacher, options)
+    except ValueError as e:
+        raise ConfigError(f"--Distillation {cfg.Distillation} with --student_arch {cfg.student_arch} / "
+                          f"--teacher_arch {cfg.teacher_arch}: {e}") from None
+    return network, teacher, method
+
+
+def make_steps(cfg, method, network, teacher, optimizer, loss_scale):
+    """``{"init": step or None, "main": step, "eval": step}`` (each compiled once)."""
+    from op_util.train_steps import make_eval_step, make_init_step, make_main_step
+
+    jit = cfg.jit_iep if method.grad_rule == "clip" or cfg.init_epoch else cfg.jit_plain
+    init = None
+    if cfg.init_epoch:
+        init = make_init_step(method, network, teacher, optimizer, cfg.weight_decay,
+                              loss_scale=loss_scale, jit_compile=jit)
+    main = make_main_step(method, network, teacher, optimizer, cfg.weight_decay,
+                          loss_scale=loss_scale, jit_compile=jit)
+    return {"init": init, "main": main, "eval": make_eval_step(network, jit_compile=cfg.jit_plain)}
+
+
+# ---------------------------------------------------------------------------------- stopping
+class StopSignals:
+    """SIGTERM/SIGINT during training set ``self.name``; the loop stops after the current step
+    with a checkpoint. A second signal of the same kind ends the process at once (Python's
+    default behaviour). Installed only in the main thread."""
+
+    SIGNALS = ("SIGTERM", "SIGINT")
+
+    def __init__(self):
+        self.name, self._before = None, {}
+
+    def _handle(self, signum, frame):
+        del frame
+        sig = signal.Signals(signum)
+        if self.name is not None:
+            signal.signal(signum, self._before.get(sig.name, signal.SIG_DFL))
+            signal.raise_signal(signum)
+            return
+        self.name = sig.name
+        print(f"{sig.name} received: stopping after the current step (a checkpoint is written; "
+              f"continue with --resume)", flush=True)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:
+                self._before[name] = signal.signal(getattr(signal, name), self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for name, handler in self._before.items():
+            signal.signal(getattr(signal, name), handler)
+        return False
+
+
+# ---------------------------------------------------------------------------------- one step
+def loss_terms(values):
+    """The loss metrics of a step, culprit order: every term, then the totals."""
+    keys = [k for k in values if k not in NOT_LOSSES and not k.startswith("grad_norm")]
+    return sorted(keys, key=lambda k: (k in ("module_total", "loss"), k == "loss"))
+
+
+def call_step(step_fn, *args, where, checkpoint=None):
+    """Run one compiled step and return its metrics as floats; a non-finite loss (returned, or
+    caught by a ``tf.debugging`` finiteness check inside the step, as IEPDistiller does) becomes a
+    one-line NonFiniteLossError naming the term, ``where`` it happened and the last checkpoint."""
+    import tensorflow as tf
+
+    tail = f"stopped, last good checkpoint: {checkpoint or 'none (no epoch finished)'}"
+    try:
+        values = {k: float(v.numpy()) for k, v in step_fn(*args).items()}
+    except tf.errors.InvalidArgumentError as e:
+        text = str(getattr(e, "message", e))
+        # CheckNumerics reports "<message> : Tensor had NaN values" (after a graph traceback)
+        hits = [ln.strip() for ln in text.splitlines() if "Tensor had" in ln]
+        if not hits:
+            raise
+        what = hits[0].split(" : Tensor had")[0] + " (" + hits[0].split(" : ")[-1] + ")"
+        raise NonFiniteLossError(f"non-finite value at {where}: {what}; {tail}") from None
+    bad = [k for k in loss_terms(values) if not math.isfinite(values[k])]
+    if bad:
+        raise NonFiniteLossError(f"non-finite loss {bad[0]} = {values[bad[0]]} at {where}; {tail}")
+    return values
+
+
+def _tag(key, phase):
+    if key == "loss":
+        return "loss/total"
+    if key == "grad_norm":
+        return "grad_norm/module" if phase == "init" else "grad_norm/cross_entropy"
+    if key == "accuracy":
+        return "accuracy/train_batch"
+    if key == "warmup" or key.startswith("grad_norm/"):
+        return key
+    return "loss/" + key
+
+
+def log_window(run, window, phase, epoch, i, step, lr):
+    """The progress line and step summaries of the steps in ``window`` (means)."""
+    import numpy as np
+    import tensorflow as tf
+
+    cfg = run.cfg
+    mean = {k: float(np.mean([w[k] for w in window])) for k in window[-1]}
+    sps = mean.pop("sec_per_step")
+    ips = cfg.batch_size / sps if sps > 0 else float("nan")
+    terms = "  ".join(f"{k} {mean[k]:.4f}" for k in loss_terms(mean) if k != "loss")
+    print(f"Epoch {epoch:03d} Step {step + 1:06d} [{i + 1}/{run.data.spe}] {phase}: loss = "
+          f"{mean['loss']:.4f} ({terms})  lr {lr:.3g}  {sps:.3f} sec/step  "
+          f"{ips:.1f} images/s", flush=True)
+    with run.writer.as_default(step=step + 1):
+        for k, v in mean.items():
+            if k != "applied":
+                tf.summary.scalar(_tag(k, phase), v)
+        tf.summary.scalar("learning_rate", lr)
+        tf.summary.scalar("perf/sec_per_step", sps)
+        tf.summary.scalar("perf/images_per_sec", ips)
+        if run.loss_scale is not None:
+            tf.summary.scalar("loss_scale", float(run.loss_scale.scale.numpy()))
+
+
+# ---------------------------------------------------------------------------------- the loop
+def _run(cfg, epoch_hook):
+    import keras
+    import tensorflow as tf
+
+    from iepkt_tf.checkpoints import on_disk
+    from op_util.optimizer import DynamicLossScale, NesterovMomentum
+    from op_util.train_steps import optimizer_variables
+
+    os.makedirs(cfg.train_dir, exist_ok=True)
+    ckpt_dir = os.path.join(cfg.train_dir, "ckpt")
+    config_path = os.path.join(cfg.train_dir, "run_config.json")
+    previous = on_disk(ckpt_dir)
+    if previous and not cfg.resume:
+        raise ConfigError(f"--train_dir {cfg.train_dir} already holds a run ({previous[0]}); pass "
+                          f"--resume to continue it or choose another --train_dir")
+    if previous:
+        check_resume_config(cfg, config_path)
+    keras.utils.set_random_seed(cfg.seed)
+
+    run = types.SimpleNamespace(cfg=cfg, ckpt_dir=ckpt_dir, data=load_data(cfg))
+    run.network, run.teacher, run.method = build_models(cfg, run.data)
+    run.optimizer = NesterovMomentum(optimizer_variables(run.network, run.method), momentum=0.9)
+    run.loss_scale = DynamicLossScale() if cfg.precision == "mixed_float16" else None
+    run.steps = make_steps(cfg, run.method, run.network, run.teacher, run.optimizer, run.loss_scale)
+    run.total_epoch = cfg.init_epoch + cfg.train_epoch
+    start = _checkpointing(run, config_path)
+
+    state = dict(network=run.network, teacher=run.teacher, distiller=run.method.panel_layer(),
+                 method=run.method, optimizer=run.optimizer)
+    if epoch_hook is not None:
+        epoch_hook("start", start[0], state)
+    run.frames = None
+    if cfg.vis_every > 0 and start[0] < run.total_epoch:
+        run.frames = EpochFrames(cfg, run.data.test_images, run.data.test_labels, run.network,
+                                 run.teacher, run.method.panel_layer(), start[0])
+    run.writer = tf.summary.create_file_writer(cfg.train_dir)
+    if not run.resumed:
+        from iepkt_tf.visualize import log_hparams
+        log_hparams(run.writer, run_hparams(cfg), metrics=HPARAMS_METRICS)
+    try:
+        with StopSignals() as stop:
+            stopped = _epochs(run, start, stop, epoch_hook, state)
+    finally:
+        run.writer.close()
+    return stopped if stopped is not None else _finish(run)
+
+
+def _checkpointing(run, config_path):
+    """Create the checkpoint of ``run`` and restore the newest readable one (``--resume``);
+    returns ``(epoch, batches done in it)`` to start from."""
+    import tensorflow as tf
+
+    from iepkt_tf.checkpoints import restore_newest_readable, tracked_by_name
+
+    cfg = run.cfg
+    run.epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
+    run.step_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+    run.accs_var = tf.Variable(tf.zeros([run.data.spe], tf.float64), trainable=False, name="accs")
+    run.logs_var = tf.Variable(tf.zeros([run.total_epoch, 2]), trainable=False, name="logs")
+    tracked = dict(network=tracked_by_name(run.network.tf1_variables()), optimizer=run.optimizer,
+                   epoch=run.epoch_var, step=run.step_var, accs=run.accs_var, logs=run.logs_var)
+    if run.method.state_variables():
+        tracked["distiller"] = tracked_by_name(run.method.state_variables())
+    if run.loss_scale is not None:
+        tracked["loss_scale"] = run.loss_scale
+    run.checkpoint = tf.train.Checkpoint(**tracked)
+    run.manager = tf.train.CheckpointManager(run.checkpoint, run.ckpt_dir,
+                                             max_to_keep=cfg.keep_checkpoints)
+    path = restore_newest_readable(tracked, run.ckpt_dir, note=lambda s: print(s, flush=True))
+    run.resumed = path is not None
+    run.last_checkpoint = path
+    if run.resumed:
+        epoch, step = int(run.epoch_var.numpy()), int(run.step_var.numpy())
+        where = f"epoch {epoch}" + (f", batch {step}" if step else "")
+        print(f"Resumed from {path} at {where}", flush=True)
+        return epoch, step
+    if cfg.resume:
+        print(f"--resume: no checkpoint in {run.ckpt_dir}, starting from scratch", flush=True)
+    write_run_config(config_path, cfg)
+    return 0, 0
+
+
+def _save(run, epoch, step_in_epoch, accs):
+    import numpy as np
+
+    spe = run.data.spe
+    done = epoch * spe + step_in_epoch
+    full = np.zeros([spe], np.float64)
+    full[:len(accs)] = accs
+    run.accs_var.assign(full)
+    run.epoch_var.assign(epoch if step_in_epoch < spe else epoch + 1)
+    run.step_var.assign(step_in_epoch if step_in_epoch < spe else 0)
+    run.last_checkpoint = run.manager.save(checkpoint_number=done)
+    return run.last_checkpoint
+
+
+def _epochs(run, start, stop, epoch_hook, state):
+    """Run the epochs from ``start``; returns the early-stop result, or None at the end."""
+    from op_util.schedules import learning_rate, warmup
+
+    cfg = run.cfg
+    logs = run.logs_var.numpy()
+    run.traced, epochs_run = set(), 0
+    first_epoch, first_batch = start
+    accs = list(run.accs_var.numpy()[:first_batch])
+    for epoch in range(first_epoch, run.total_epoch):
+        lr = learning_rate(epoch, cfg.init_epoch, cfg.train_epoch, base=cfg.learning_rate)
+        if epoch < cfg.init_epoch and run.method.init_learning_rate is not None:
+            lr = float(run.method.init_learning_rate)
+        warm = warmup(epoch, cfg.init_epoch)
+        begin = first_batch if epoch == first_epoch else 0
+        if epoch == cfg.init_epoch > 0 and begin == 0 and run.method.init_trains_student:
+            _reset_student_momentum(run)
+        accs = accs if epoch == first_epoch else []
+        if _train_epoch(run, epoch, begin, accs, lr, warm, stop):
+            path = _save(run, epoch, run.batches_done, accs)
+            return _stopped(run, epoch, logs, path, signal_name=stop.name)
+        train_acc, val_acc = _validate(run, epoch, accs)
+        logs[epoch] = (train_acc, val_acc)
+        run.logs_var.assign(logs)
+        _save(run, epoch, run.data.spe, [])
+        epochs_run += 1
+        if run.frames is not None and vis_due(cfg, epoch, run.total_epoch):
+            run.frames(run.writer, epoch)
+        if epoch_hook is not None:
+            epoch_hook("epoch_end", epoch, state)
+        last = epoch + 1 == run.total_epoch
+        if stop.name is not None and not last:
+            return _stopped(run, epoch + 1, logs, run.last_checkpoint, signal_name=stop.name)
+        if cfg.stop_after and epochs_run >= cfg.stop_after and not last:
+            print(f"Stopped after {epochs_run} epoch(s) (--stop_after); continue with --resume "
+                  f"(checkpoint {run.last_checkpoint})", flush=True)
+            return _stopped(run, epoch + 1, logs, run.last_checkpoint)
+    return None
+
+
+def _reset_student_momentum(run):
+    """The main phase starts from zero momentum for the student trained in the initial phase
+    (the authors train the phases with separate optimisers)."""
+    import tensorflow as tf
+
+    for v in run.network.tf1_variables().values():
+        if v.trainable:
+            slot = run.optimizer.slot(v)
+            slot.assign(tf.zeros_like(slot))
+
+
+def _stopped(run, epochs_done, logs, path, signal_name=None):
+    if signal_name is not None:
+        print(f"Stopped by {signal_name}; continue with --resume (checkpoint {path})", flush=True)
+    return {"stopped": True, "signal": signal_name, "train_dir": run.cfg.train_dir,
+            "checkpoint": path, "epochs_done": epochs_done,
+            "logs": {"training_acc": logs[:epochs_done, 0].copy(),
+                     "validation_acc": logs[:epochs_done, 1].copy()}}
+
+
+def _train_epoch(run, epoch, begin, accs, lr, warm, stop):
+    """The steps of one epoch from batch ``begin``; appends each batch accuracy to ``accs``.
+    Returns True when a signal asked to stop (after the step that was running)."""
+    import tensorflow as tf
+
+    from dataloader.pipeline import train_dataset
+    from op_util.train_steps import step_seed
+
+    cfg, spe = run.cfg, run.data.spe
+    phase = "init" if epoch < cfg.init_epoch else "main"
+    lr_t, warm_t = tf.constant(lr, tf.float32), tf.constant(warm, tf.float32)
+    run.batches_done = begin
+    window = []
+    batches = train_dataset(run.data.train_images, run.data.train_labels, cfg.batch_size, cfg.seed,
+                            epoch, start_batch=begin)
+    for i, (images, labels) in enumerate(batches, start=begin):
+        step = epoch * spe + i
+        seed = step_seed(cfg.seed, step)
+        t0 = time.perf_counter()
+        if phase == "init":
+            args = (run.steps["init"], images, labels, lr_t, seed)
+        else:
+            args = (run.steps["main"], images, labels, lr_t, warm_t, seed)
+        values = call_step(*args, where=f"step {step + 1} (epoch {epoch})",
+                           checkpoint=run.last_checkpoint)
+        values["sec_per_step"] = time.perf_counter() - t0
+        if "accuracy" in values and phase == "main":
+            accs.append(values["accuracy"])
+        run.batches_done = i + 1
+        if phase in run.traced:  # leave the tracing/compiling first call out of the timings
+            window.append(values)
+        run.traced.add(phase)
+        if (step + 1) % cfg.log_every == 0 and window:
+            log_window(run, window, phase, epoch, i, step, lr)
+            window = []
+        if stop.name is not None and i + 1 < spe:
+            return True
+    return False
+
+
+def _validate(run, epoch, accs):
+    """Validation accuracy and loss after epoch ``epoch``; prints and logs the epoch line."""
+    import numpy as np
+    import tensorflow as tf
+
+    correct = loss_sum = 0.0
+    for images, labels in run.data.val_ds:
+        c, s = run.steps["eval"](images, labels)
+        correct += float(c)
+        loss_sum += float(s)
+    n_val = max(1, run.data.n_val)
+    val_acc = 100.0 * correct / n_val
+    main = epoch >= run.cfg.init_epoch
+    train_acc = 100.0 * float(np.mean(accs)) if (main and accs) else 1.0
+    print(f"Epoch {epoch:03d} Step {(epoch + 1) * run.data.spe:06d} - train_Accuracy : "
+          f"{train_acc:.2f}%  val_Accuracy : {val_acc:.2f}%", flush=True)
+    with run.writer.as_default(step=epoch):
+        tf.summary.scalar("accuracy/train", train_acc)
+        tf.summary.scalar("accuracy/validation", val_acc)
+        tf.summary.scalar("loss/validation", loss_sum / n_val)
+    run.writer.flush()
+    return train_acc, val_acc
+
+
+def _finish(run):
+    """Write ``train_params.mat`` and ``log.mat`` and print where everything is."""
+    import numpy as np
+
+    from iepkt_tf.mat_io import collect_params, save_mat
+
+    cfg = run.cfg
+    params_path = os.path.join(cfg.train_dir, "train_params.mat")
+    log_path = os.path.join(cfg.train_dir, "log.mat")
+    save_mat(params_path, collect_params(run.network.tf1_variables(), scope=cfg.main_scope))
+    logs = run.logs_var.numpy()
+    done = int(run.epoch_var.numpy())
+    log = {"training_acc": logs[:done, 0].astype(np.float64),
+           "validation_acc": logs[:done, 1].astype(np.float64)}
+    save_mat(log_path, log)
+    print("Finished training!", flush=True)
+    print(f"TensorBoard logs: {cfg.train_dir} (tensorboard --logdir {cfg.train_dir})", flush=True)
+    print(f"Parameters: {params_path}", flush=True)
+    print(f"Accuracy log: {log_path}", flush=True)
+    print(f"Checkpoints: {run.ckpt_dir}", flush=True)
+    if cfg.vis_every > 0 and cfg.vis_snapshots:
+        print(frames_command(cfg, run.method.draws_panels), flush=True)
+    return {"stopped": False, "train_dir": cfg.train_dir, "train_params": params_path, "log": log_path,
+            "checkpoint": run.last_checkpoint, "epochs_done": done, "logs": log}
+
+
+def frames_command(cfg, with_distiller):
+    """The line telling the user how to make GIFs of the run's frames."""
+    return (f"Frames: {os.path.join(cfg.train_dir, 'vis')} (GIFs: python -m iepkt_tf.visualize "
+            f"--run_dir {cfg.train_dir} --out_dir OUT --dataset {cfg.dataset} --split test "
+            f"--num_images {cfg.vis_images} --seed {cfg.seed} --size {VIS_PANEL['size']} "
+            f"--thumb {VIS_PANEL['thumb']}"
+            + (f" --data_dir {cfg.data_dir}" if cfg.data_dir else "")
+            + (f" --image_size {cfg.synthetic_image_size}" if cfg.synthetic_image_size else "")
+            + (f" --teacher_params {cfg.teacher_params} --mpnn_iter {cfg.mpnn_iter} --adapter {cfg.adapter}"
+               if with_distiller else "")
+            + ")")
