@@ -282,7 +282,7 @@ def _run(cfg, epoch_hook):
     from op_util.optimizer import DynamicLossScale, NesterovMomentum
     from op_util.train_steps import optimizer_variables
 
-    os.makedirs(cfg.train_dir, exist_ok=True)
+    _make_train_dir(cfg.train_dir)
     ckpt_dir = os.path.join(cfg.train_dir, "ckpt")
     config_path = os.path.join(cfg.train_dir, "run_config.json")
     previous = on_disk(ckpt_dir)
@@ -319,6 +319,18 @@ def _run(cfg, epoch_hook):
     finally:
         run.writer.close()
     return stopped if stopped is not None else _finish(run)
+
+
+def _make_train_dir(train_dir):
+    """Create ``--train_dir`` (a ConfigError naming it when it cannot be written)."""
+    from iepkt_tf.atomic import check_writable
+
+    try:
+        check_writable(train_dir, "--train_dir", directory=True)
+        os.makedirs(train_dir, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(str(e) if str(e).startswith("--train_dir") else
+                          f"--train_dir {train_dir}: cannot write there ({e.strerror or e})") from None
 
 
 def _checkpointing(run, config_path):

@@ -144,3 +144,25 @@ def test_signal_stops_after_the_step_and_resume_is_exact(tmp_path, full, sig):
     res = trainer.run(config.make_config(train_dir=train_dir, resume=True, **RUN))
     assert not res["stopped"]
     assert_same_result(train_dir, full)
+
+
+def _cli_error(*args):
+    res = subprocess.run([sys.executable, "train_w_distill.py", *args], cwd=REPO, capture_output=True,
+                         text=True, timeout=300, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("train_w_distill.py: error:")]
+    assert res.returncode == 2 and len(errors) == 1 and "Traceback" not in res.stderr, res.stderr
+    return errors[0]
+
+
+def test_damaged_run_config_and_unwritable_train_dir_are_one_line_errors(tmp_path):
+    train_dir, _ = _two_epochs(tmp_path)
+    config_path = os.path.join(train_dir, "run_config.json")
+    with open(config_path, "w") as f:
+        f.write('{"Distillation": "None", ')  # truncated while written by another program
+    flags = [f"--{k}={v}" for k, v in RUN.items()]
+    line = _cli_error("--resume", f"--train_dir={train_dir}", *flags)
+    assert "run_config.json is not a readable run config" in line
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    line = _cli_error(f"--train_dir={blocker / 'run'}", *flags)
+    assert "--train_dir" in line and "cannot write there" in line

@@ -50,8 +50,8 @@ Deviations from the authors' TF2 code:
   statistics (with the moving-average update) in the initial phase and the moving statistics
   in the main phase (encoder in inference, as line 61 asks).
 * The authors train the paraphraser with its own Nesterov SGD at a constant ``1e-3`` (line 67)
-  and gradient-form weight decay; here the project's initial phase applies (its learning rate,
-  ``wd * sum(v**2)`` on :meth:`init_variables`).
+  and gradient-form weight decay; here at the same ``init_learning_rate`` through the project's
+  initial phase (one shared optimiser, ``wd * sum(v**2)`` on :meth:`init_variables`).
 * The stride-``1/r`` transposed convolution outputs the teacher map's exact size, so odd sizes
   work (the TF2 code assumes the size doubles).
 """
