@@ -622,10 +622,37 @@ def _run_config(cfg, log):
     return res
 
 
+def compare_table(paths):
+    """A markdown table of the methods' costs from ``--json`` results: per file the method, the
+    floor and main medians, main/floor and the main step's images/s (``--compare A.json ...``)."""
+    lines = ["| --Distillation | floor s/step | main s/step | main / floor | main images/s |",
+             "|---|---|---|---|---|"]
+    for path in paths:
+        try:
+            with open(path, encoding="utf-8") as f:
+                res = json.load(f)
+            parts, method = res["parts"], res["settings"]["distillation"]
+            floor, main_ = parts["floor"], parts["main"]
+            lines.append(f"| {method} | {floor['median_s']:.3f} | {main_['median_s']:.3f} | "
+                         f"{main_['median_s'] / floor['median_s']:.2f} | {main_['images_per_s']:.0f} |")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"--compare {path}: not a benchmark --json result with parts floor and "
+                             f"main ({type(e).__name__}: {e})") from None
+    return "\n".join(lines)
+
+
 def main(argv=None):
     """The command line: ``argv`` (flags only; default ``sys.argv[1:]``) -> exit status. Bad flags
-    and unwritable outputs are one line ``benchmark: error: ...`` on stderr and exit status 2."""
+    and unwritable outputs are one line ``benchmark: error: ...`` on stderr and exit status 2.
+    ``--compare A.json B.json ...`` prints :func:`compare_table` of earlier ``--json`` results."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--compare"]:
+        try:
+            print(compare_table(argv[1:]))
+        except ValueError as e:
+            print(f"benchmark: error: {' '.join(str(e).split())}", file=sys.stderr)
+            return 2
+        return 0
     if any(a in ("-h", "--help", "--helpshort", "--helpfull") for a in argv):
         fv = flags.FlagValues()
         define_flags(fv)

@@ -370,3 +370,22 @@ def test_per_loss_gradients_bad_input():
         per_loss_gradients(lambda: [a], [a], [v])
     with pytest.raises(ValueError, match="GradientTape or a callable"):
         per_loss_gradients(3, [a], [v])
+
+
+def test_compare_table_of_json_results(tmp_path, capsys):
+    """``--compare`` tabulates earlier --json results (one row per method); a file that is not
+    one is a one-line error naming it."""
+    paths = []
+    for method, floor, main in (("KD", 0.2, 0.25), ("IEP", 0.2, 0.5)):
+        path = tmp_path / f"{method}.json"
+        path.write_text(json.dumps({"settings": {"distillation": method}, "parts": {
+            "floor": {"median_s": floor, "images_per_s": 64 / floor},
+            "main": {"median_s": main, "images_per_s": 64 / main}}}))
+        paths.append(str(path))
+    assert bm.main(["--compare", *paths]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[2] == "| KD | 0.200 | 0.250 | 1.25 | 256 |" and out[3] == "| IEP | 0.200 | 0.500 | 2.50 | 128 |"
+    (tmp_path / "bad.json").write_text("{")
+    assert bm.main(["--compare", str(tmp_path / "bad.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "bad.json" in err[0] and err[0].startswith("benchmark: error:")
