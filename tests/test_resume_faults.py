@@ -2,6 +2,7 @@
 step with a checkpoint, and either way ``--resume`` reaches the uninterrupted run's parameters bit
 for bit. Tiny network, 16x16 synthetic images, float32."""
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -122,12 +123,16 @@ def test_signal_stops_after_the_step_and_resume_is_exact(tmp_path, full, sig):
     lines = []
     try:
         deadline = time.monotonic() + 240
-        for line in proc.stdout:
+        while True:  # read until step 3 of the first epoch, never longer than the deadline
+            assert time.monotonic() < deadline and proc.poll() is None, "".join(lines)
+            ready, _, _ = select.select([proc.stdout], [], [], 1.0)
+            if not ready:
+                continue
+            line = proc.stdout.readline()
             lines.append(line)
             if "Epoch 000 Step 000003" in line:  # inside the first epoch
                 proc.send_signal(sig)
                 break
-            assert time.monotonic() < deadline, "".join(lines)
         rest, _ = proc.communicate(timeout=240)
     finally:
         if proc.poll() is None:
