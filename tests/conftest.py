@@ -37,3 +37,25 @@ def assert_close(got, ref, tol, what="", atol=0.0):
     err = float(np.max(np.abs(got - ref))) if got.size else 0.0
     bound = tol * float(np.max(np.abs(ref))) + atol if ref.size else atol
     assert err <= bound, f"{what}: max|diff| {err:.3g} > {bound:.3g}"
+
+
+@pytest.fixture
+def nets():
+    """A WRN-10-1 student and a WRN-10-2 teacher (unequal widths), 5 classes, 16x16 images."""
+    from nets.nets_factory import get_network
+
+    student = get_network("WResNet-10-1", 5, "Student", (16, 16), is_main=True)
+    teacher = get_network("WResNet-10-2", 5, "Teacher", (16, 16), is_main=False)
+    return student, teacher
+
+
+def trainable(named):
+    """The trainable entries of a ``{name: variable}`` dict."""
+    return {n: v for n, v in named.items() if v.trainable}
+
+
+def nonzero(grads):
+    """Names whose gradient in ``{name: gradient}`` is present and not all zero."""
+    import tensorflow as tf
+
+    return {n for n, g in grads.items() if g is not None and float(tf.reduce_max(tf.abs(g))) > 0}

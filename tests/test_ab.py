@@ -8,7 +8,7 @@ import tensorflow as tf
 
 from iepkt_tf.distillers.ab import AB, POINTS, ab_loss, boundary_mismatch, point_weights
 from iepkt_tf.distillers.base import Sensed
-from nets.nets_factory import get_network
+from tests.conftest import nonzero, trainable
 
 IMAGE = (16, 16)
 
@@ -103,27 +103,12 @@ def test_ab_loss_gradient_matches_finite_differences():
 
 # ---------------------------------------------------------------- the distiller
 
-@pytest.fixture
-def nets():
-    student = get_network("WResNet-10-1", 5, "Student", IMAGE, is_main=True)
-    teacher = get_network("WResNet-10-2", 5, "Teacher", IMAGE, is_main=False)
-    return student, teacher
-
-
 def _options(**kw):
     return {"ab_margin": 1.0, "init_epoch": 30, "image_size": IMAGE, **kw}
 
 
 def _images():
     return tf.random.stateless_normal([8, 16, 16, 3], seed=[5, 6])
-
-
-def _trainable(named):
-    return {n: v for n, v in named.items() if v.trainable}
-
-
-def _nonzero(grads):
-    return {n for n, g in grads.items() if g is not None and float(tf.reduce_max(tf.abs(g))) > 0}
 
 
 def test_declaration_and_variable_names(nets):
@@ -149,9 +134,9 @@ def test_init_losses_train_the_student_and_connectors(nets):
     student, teacher = nets
     ab = AB(student, teacher, _options(ab_margin=0.5))
     images = _images()
-    s_named = _trainable(student.tf1_variables())
-    t_named = _trainable(teacher.tf1_variables())
-    d_named = _trainable(ab.tf1_variables())
+    s_named = trainable(student.tf1_variables())
+    t_named = trainable(teacher.tf1_variables())
+    d_named = trainable(ab.tf1_variables())
     mean = ab.tf1_variables()["Distillation/Connector2/bn/moving_mean"]
     before = mean.numpy().copy()
     with tf.GradientTape() as tape:
@@ -165,7 +150,7 @@ def test_init_losses_train_the_student_and_connectors(nets):
     grads = dict(zip(allv, tape.gradient(losses["total"], list(allv.values()))))
     # everything up to the final BN (not the classifier), every connector, nothing of the teacher
     expected = {n for n in s_named if not n.startswith("Student/full/")} | set(d_named)
-    assert _nonzero(grads) == expected
+    assert nonzero(grads) == expected
     assert np.abs(mean.numpy() - before).max() > 0  # connector BN in training mode
     # each term against NumPy on the connector outputs of the same forward (batch statistics)
     for i, k in enumerate(POINTS):
@@ -204,7 +189,7 @@ def test_init_steps_reduce_the_boundary_loss(nets):
 
     student, teacher = nets
     ab = AB(student, teacher, _options())
-    named = {**_trainable(student.tf1_variables()), **_trainable(ab.tf1_variables())}
+    named = {**trainable(student.tf1_variables()), **trainable(ab.tf1_variables())}
     step = make_init_step(ab, student, teacher, NesterovMomentum(named), 5e-4)
     images, labels = _images(), tf.constant([0, 1, 2, 3, 4, 0, 1, 2], tf.int32)
     t_before = {n: v.numpy().copy() for n, v in teacher.tf1_variables().items()}

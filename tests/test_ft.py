@@ -10,6 +10,7 @@ from iepkt_tf.distillers.base import Sensed
 from iepkt_tf.distillers.ft import (CODE_L1_WEIGHT, FT, Conv2DTranspose, factor_channels, ft_loss,
                                     reconstruction_loss)
 from nets.nets_factory import get_network
+from tests.conftest import nonzero, trainable
 
 IMAGE = (16, 16)
 
@@ -127,27 +128,12 @@ def test_conv2d_transpose_is_the_adjoint_of_conv2d(in_hw, stride, out_hw):
 
 # ---------------------------------------------------------------- the distiller
 
-@pytest.fixture
-def nets():
-    student = get_network("WResNet-10-1", 5, "Student", IMAGE, is_main=True)
-    teacher = get_network("WResNet-10-2", 5, "Teacher", IMAGE, is_main=False)
-    return student, teacher
-
-
 def _options(**kw):
     return {"ft_beta": 100.0, "init_epoch": 30, "image_size": IMAGE, **kw}
 
 
 def _images():
     return tf.random.stateless_normal([8, 16, 16, 3], seed=[1, 2])
-
-
-def _by_name(variables_named):
-    return {n: v for n, v in variables_named.items() if v.trainable}
-
-
-def _nonzero(grads):
-    return {n for n, g in grads.items() if g is not None and float(tf.reduce_max(tf.abs(g))) > 0}
 
 
 def test_declaration_and_variable_names(nets):
@@ -204,8 +190,8 @@ def test_init_losses_train_only_the_paraphraser(nets):
     student, teacher = nets
     ft = FT(student, teacher, _options())
     images = _images()
-    t_named = _by_name(teacher.tf1_variables())
-    d_named = _by_name(ft.tf1_variables())
+    t_named = trainable(teacher.tf1_variables())
+    d_named = trainable(ft.tf1_variables())
     bn_mean = ft.tf1_variables()["Distillation/Paraphraser/bn0/moving_mean"]
     tr_mean = ft.tf1_variables()["Distillation/Translator/bn0/moving_mean"]
     before, tr_before = bn_mean.numpy().copy(), tr_mean.numpy().copy()
@@ -217,7 +203,7 @@ def test_init_losses_train_only_the_paraphraser(nets):
     assert float(losses["total"]) == pytest.approx(float(losses["reconstruction"] + losses["code_l1"]))
     allv = {**t_named, **d_named}
     grads = dict(zip(allv, tape.gradient(losses["total"], list(allv.values()))))
-    assert _nonzero(grads) == {n for n in d_named if "/Paraphraser/" in n}
+    assert nonzero(grads) == {n for n in d_named if "/Paraphraser/" in n}
     # the paraphraser's BNs ran with batch statistics and moved their averages, the translator's not
     assert np.abs(bn_mean.numpy() - before).max() > 0
     np.testing.assert_array_equal(tr_mean.numpy(), tr_before)
@@ -236,9 +222,9 @@ def test_main_losses_train_the_student_and_the_translator(nets):
     student, teacher = nets
     ft = FT(student, teacher, _options(ft_beta=50.0))
     images = _images()
-    s_named = _by_name(student.tf1_variables())
-    t_named = _by_name(teacher.tf1_variables())
-    d_named = _by_name(ft.tf1_variables())
+    s_named = trainable(student.tf1_variables())
+    t_named = trainable(teacher.tf1_variables())
+    d_named = trainable(ft.tf1_variables())
     para_mean = ft.tf1_variables()["Distillation/Paraphraser/bn1/moving_mean"]
     tr_mean = ft.tf1_variables()["Distillation/Translator/bn1/moving_mean"]
     para_before, tr_before = para_mean.numpy().copy(), tr_mean.numpy().copy()
@@ -251,7 +237,7 @@ def test_main_losses_train_the_student_and_the_translator(nets):
     grads = dict(zip(allv, tape.gradient(terms["ft"], list(allv.values()))))
     expected = {n for n in s_named if not n.startswith("Student/full/")}
     expected |= {n for n in d_named if "/Translator/" in n}
-    assert _nonzero(grads) == expected
+    assert nonzero(grads) == expected
     # the encoder ran in inference mode (moving statistics untouched), the translator trained
     np.testing.assert_array_equal(para_mean.numpy(), para_before)
     assert np.abs(tr_mean.numpy() - tr_before).max() > 0
@@ -269,7 +255,7 @@ def test_one_compiled_step_of_each_phase(nets):
 
     student, teacher = nets
     ft = FT(student, teacher, _options())
-    named = {**_by_name(student.tf1_variables()), **_by_name(ft.tf1_variables())}
+    named = {**trainable(student.tf1_variables()), **trainable(ft.tf1_variables())}
     opt = NesterovMomentum(named)
     init_step = make_init_step(ft, student, teacher, opt, 5e-4)
     main_step = make_main_step(ft, student, teacher, opt, 5e-4)
