@@ -37,7 +37,8 @@ from absl import flags  # noqa: E402
 from dataloader.datasets import DATASETS, load_dataset  # noqa: E402
 from dataloader.pipeline import eval_dataset  # noqa: E402
 from iepkt_tf.atomic import atomic_open, check_writable  # noqa: E402
-from iepkt_tf.export import (ERRORS, build_classifier, classes_in, one_line, parse_flags,  # noqa: E402
+from iepkt_tf.cli import tool_main  # noqa: E402
+from iepkt_tf.export import (ERRORS, build_classifier, classes_in,  # noqa: E402
                              read_params)
 from iepkt_tf.mat_io import MatFileError, ParamsMismatchError  # noqa: E402
 
@@ -151,15 +152,7 @@ def run(fv, log=print):
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        fv = parse_flags("evaluate", argv, define_flags, __doc__)
-        if fv is not None:
-            run(fv)
-    except (MatFileError, ParamsMismatchError) + ERRORS as e:
-        print(f"evaluate: error: {one_line(e)}", file=sys.stderr)
-        return 2
-    return 0
+    return tool_main("evaluate", argv, define_flags, __doc__, run, (MatFileError, ParamsMismatchError) + ERRORS)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ import tensorflow as tf  # noqa: E402
 from absl import flags  # noqa: E402
 
 from dataloader.preprocessing import normalize  # noqa: E402
+from iepkt_tf.cli import tool_main  # noqa: E402
 from iepkt_tf.mat_io import (MatFileError, ParamsMismatchError, assign_params,  # noqa: E402,F401
                               check_finite, load_mat, one_line, resolve_scope)
 from nets.base import image_hw  # noqa: E402
@@ -281,19 +282,6 @@ def define_flags(fv):
     flags.mark_flags_as_required(["params", "out"], flag_values=fv)
 
 
-def parse_flags(prog, argv, define, doc):
-    """A private FlagValues parsed from ``argv`` (flags only); None after printing --help."""
-    fv = flags.FlagValues()
-    define(fv)
-    if any(a in ("-h", "--help", "--helpshort", "--helpfull") for a in argv):
-        print(doc.strip() + "\n\nflags:\n" + fv.get_help())
-        return None
-    rest = fv([prog] + list(argv))
-    if len(rest) > 1:
-        raise ValueError(f"unexpected arguments {rest[1:]} (all options are --flags)")
-    return fv
-
-
 def run(fv, log=print):
     """Export as the flags ``fv`` say; returns the format written."""
     fmt = check_request(fv.out, fv.format, fv.quantize, fv.overwrite)
@@ -308,15 +296,7 @@ def run(fv, log=print):
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        fv = parse_flags("export", argv, define_flags, __doc__)
-        if fv is not None:
-            run(fv)
-    except (MatFileError, ParamsMismatchError) + ERRORS as e:
-        print(f"export: error: {one_line(e)}", file=sys.stderr)
-        return 2
-    return 0
+    return tool_main("export", argv, define_flags, __doc__, run, (MatFileError, ParamsMismatchError) + ERRORS)
 
 
 if __name__ == "__main__":

@@ -700,24 +700,11 @@ def main(argv=None):
     flags and damaged or missing inputs are one line ``visualize: error: ...`` on stderr and exit
     status 2."""
     import tensorflow as tf
-    from absl import flags
 
-    from iepkt_tf.mat_io import one_line
+    from iepkt_tf.cli import tool_main
 
-    argv = sys.argv[1:] if argv is None else list(argv)
-    fv = _define_flags(flags.FlagValues())
-    if any(a in ("-h", "--help", "--helpshort", "--helpfull") for a in argv):
-        print(__doc__.strip() + "\n\nflags:\n" + fv.get_help())
-        return 0
-    try:
-        rest = fv(["visualize"] + argv)
-        if len(rest) > 1:
-            raise ValueError(f"unexpected arguments {rest[1:]} (all options are --flags)")
-        visualize(fv)
-    except (flags.Error, ValueError, OSError, tf.errors.OpError) as e:
-        print(f"visualize: error: {one_line(e)}", file=sys.stderr)
-        return 2
-    return 0
+    return tool_main("visualize", argv, _define_flags, __doc__, visualize,
+                     (ValueError, OSError, tf.errors.OpError))
 
 
 if __name__ == "__main__":
