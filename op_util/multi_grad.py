@@ -18,7 +18,7 @@ unpublished ``Optimizer_w_IEP`` from the same authors' ``Optimizer_w_MHGD``).
 Both give the same numbers (to float rounding) and the same structure: ``None`` wherever a loss
 does not reach a variable. ``DEFAULT_METHOD`` is the faster of the two on this project's CPU
 (``python -m iepkt_tf.benchmark --grad_method separate,pfor`` times both main steps once
-``make_iep_main_step`` takes ``grad_method``; the numbers are in ``DEFAULT_METHOD``'s comment).
+``make_main_step`` takes ``grad_method``; the numbers are in ``DEFAULT_METHOD``'s comment).
 """
 from __future__ import annotations
 
