@@ -51,8 +51,9 @@ def optimizer_variables(network, method):
     from nets.layers import names_of
 
     named = {n: v for n, v in network.tf1_variables().items() if v.trainable}
-    own = list(method.init_variables()) + [v for v in method.main_variables()
-                                          if all(v is not w for w in method.init_variables())]
+    init = list(method.init_variables())
+    seen = {id(v) for v in init}
+    own = init + [v for v in method.main_variables() if id(v) not in seen]
     named.update(zip(names_of(own, method.tf1_variables()), own))
     return named
 

@@ -61,7 +61,7 @@ import keras
 import tensorflow as tf
 
 from iepkt_tf.distillers.base import Distiller, Flag, positive
-from nets.layers import BatchNorm, Conv2D, FanOutTruncatedNormal
+from nets.layers import BatchNorm, Conv2D, Dense, FanOutTruncatedNormal
 
 RATE = 0.5
 DEFAULT_BETA = 100.0
@@ -134,11 +134,7 @@ class Conv2DTranspose(keras.layers.Layer):
             y = y + tf.cast(self.bias, self.compute_dtype)
         return y
 
-    def tf1_variables(self):
-        out = {"weights": self.kernel}
-        if self.bias is not None:
-            out["biases"] = self.bias
-        return out
+    tf1_variables = Dense.tf1_variables  # the same ``weights`` / ``biases`` leaves
 
 
 def factor_channels(teacher_channels):
