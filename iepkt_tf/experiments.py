@@ -65,11 +65,11 @@ import sys
 import time
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from iepkt_tf.atomic import atomic_open, check_writable
+from iepkt_tf.cli import tool_main
 
-FLAGS = flags.FLAGS
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_SCRIPT = "train_w_distill.py"
 TEACHER = "teacher"
@@ -212,6 +212,7 @@ def define_flags(fv):
                          "runs do not count); 0 = all.", lower_bound=0, flag_values=fv)
     flags.DEFINE_bool("summarize_only", False, "Only rebuild results.csv/.md/.png of --out_dir.",
                       flag_values=fv)
+    flags.mark_flag_as_required("out_dir", flag_values=fv)
 
 
 def check_preset(preset):
@@ -885,52 +886,37 @@ def summarize(out_dir):
 
 # --------------------------------------------------------------------------- command line
 
-def _error(message):
-    print(f"experiments: error: {' '.join(str(message).split())}", file=sys.stderr)
+def _summarize_only(out_dir, flag):
+    if not os.path.isdir(out_dir):
+        raise UsageError(f"--out_dir {flag}: no such directory")
+    rows = summarize(out_dir)
+    print(f"{len(rows)} finished run(s); wrote results.csv, results.md, results.png in {flag}")
+    return 0
 
 
-def _parse_flags(argv):
-    """absl's parse, with a one-line error and exit status 2 instead of the usage text."""
-    try:
-        return FLAGS(argv)
-    except flags.Error as e:
-        _error(e)
-        sys.exit(2)
-
-
-def main(argv):
-    if len(argv) > 1:
-        _error(f"unexpected arguments {argv[1:]} (all options are --flags)")
-        return 2
-    try:
-        grid = grid_from_flags(FLAGS)
-    except (UsageError, InputError) as e:
-        _error(e)
-        return 2
+def run_from_flags(fv):
+    """The invocation the flags ``fv`` ask for; returns the exit status. Bad flags and damaged
+    files raise UsageError or InputError (nothing run or rewritten)."""
+    grid = grid_from_flags(fv)
     try:
         if grid["summarize_only"]:
-            if not os.path.isdir(grid["out_dir"]):
-                _error(f"--out_dir {FLAGS.out_dir}: no such directory")
-                return 2
-            rows = summarize(grid["out_dir"])
-            print(f"{len(rows)} finished run(s); wrote results.csv, results.md, results.png in "
-                  f"{FLAGS.out_dir}")
-            return 0
+            return _summarize_only(grid["out_dir"], fv.out_dir)
         return run_grid(grid, out=lambda line: print(line, flush=True))
-    except InputError as e:
-        _error(e)
-        return 2
     except OSError as e:  # an output that cannot be written
         where = e.filename2 or e.filename
-        _error(f"--out_dir {FLAGS.out_dir}: cannot write {where}: {e.strerror}" if where else e)
-        return 2
+        raise UsageError(f"--out_dir {fv.out_dir}: cannot write {where}: {e.strerror}" if where
+                         else str(e)) from None
     except KeyboardInterrupt:
         _summarize_quietly(grid["out_dir"], print)
         print("interrupted; run the same command again to continue", file=sys.stderr)
         return 130
 
 
+def main(argv=None):
+    """``argv`` (flags only; default ``sys.argv[1:]``) -> exit status (module docstring)."""
+    return tool_main("experiments", argv, define_flags, __doc__, run_from_flags,
+                     (UsageError, InputError), status=True)
+
+
 if __name__ == "__main__":
-    define_flags(FLAGS)
-    flags.mark_flag_as_required("out_dir")
-    app.run(main, flags_parser=_parse_flags)
+    sys.exit(main())

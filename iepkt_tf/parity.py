@@ -31,21 +31,23 @@ are not compared, nor intermediates our API does not expose (``s_all``, ``ipca_s
 
 Output: one row per quantity (name, max abs err, max rel err, tolerance, PASS/FAIL), then a line
 ``N passed, M failed``. The exit status is 1 when a comparison fails and 2 when a fixture cannot
-be read (one line on stderr naming the file). A fixture is unreadable when it is not an ``.npz``,
-``__meta__`` is not a JSON object, an array is non-numeric (strings only for ``branch``) or
-non-finite, a check cannot use its arrays, or, with a ``manifest.json`` beside the fixtures, a key
-is missing or has another shape or dtype than the manifest lists. ``run_parity(dir)`` returns the
-rows.
+be read or a flag is bad (one line ``parity: error: ...`` on stderr naming the file or flag). A
+fixture is unreadable when it is not an ``.npz``, ``__meta__`` is not a JSON object, an array is
+non-numeric (strings only for ``branch``) or non-finite, a check cannot use its arrays, or, with a
+``manifest.json`` beside the fixtures, a key is missing or has another shape or dtype than the
+manifest lists. ``run_parity(dir)`` returns the rows.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 import sys
 from dataclasses import dataclass
 
 import numpy as np
+from absl import flags
+
+from iepkt_tf.cli import tool_main
 
 FWD_TOL = 1e-4
 STATE_TOL = 1e-3
@@ -760,22 +762,22 @@ def run_parity(directory, errors=None):
     return rows
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m iepkt_tf.parity", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--fixtures", required=True,
-                        help="directory of fixture files in the format of tests/fixtures/README.md")
-    parser.add_argument("--failures_only", action="store_true", help="print only the failing rows")
-    args = parser.parse_args(argv)
+def define_flags(fv):
+    """The parity flags on ``fv`` (absl FlagValues)."""
+    flags.DEFINE_string("fixtures", None, "Directory of fixture files in the format of "
+                        "tests/fixtures/README.md.", flag_values=fv)
+    flags.DEFINE_bool("failures_only", False, "Print only the failing rows.", flag_values=fv)
+    flags.mark_flag_as_required("fixtures", flag_values=fv)
+
+
+def report(fv):
+    """Print the rows of ``--fixtures`` and the final line; returns the exit status."""
     errors = []
-    try:
-        rows = run_parity(args.fixtures, errors)
-    except FixtureError as e:
-        print(f"parity: error: {e}", file=sys.stderr)
-        return 2
+    rows = run_parity(fv.fixtures, errors)
     width = max([len(r.name) for r in rows] + [8])
     print(f"{'quantity':<{width}} {'max abs':>10} {'max rel':>10} {'tol':>9} status")
     for r in rows:
-        if not (args.failures_only and r.passed):
+        if not (fv.failures_only and r.passed):
             print(r.format(width))
     for e in errors:
         print(f"parity: error: {e}", file=sys.stderr)
@@ -784,6 +786,11 @@ def main(argv=None):
     if errors:
         return 2
     return 1 if failed else 0
+
+
+def main(argv=None):
+    """``argv`` (flags only; default ``sys.argv[1:]``) -> exit status (module docstring)."""
+    return tool_main("parity", argv, define_flags, __doc__, report, (FixtureError,), status=True)
 
 
 if __name__ == "__main__":

@@ -207,6 +207,7 @@ def test_failed_runs_are_reported_and_the_grid_goes_on(grid, tmp_path):
     (["--preset=tiny", "--extra=--seed=3"], "--extra"),
     (["--preset=tiny", "--max_runs=-1"], "--max_runs"),
     (["--preset=tiny", "--bogus=1"], "bogus"),
+    (["--preset=tiny", "stray"], "unexpected arguments"),
 ])
 def test_bad_flags_are_one_line_errors(argv, flag, tmp_path):
     res = cli(*argv, f"--out_dir={tmp_path / 'out'}")
@@ -223,6 +224,21 @@ def test_out_dir_is_required():
     assert res.returncode == 2
     assert res.stderr.strip().startswith("experiments: error: ") and "--out_dir" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_help_lists_the_flags():
+    res = cli("--help")
+    assert res.returncode == 0 and res.stderr == ""
+    assert res.stdout.startswith(ex.__doc__.strip().splitlines()[0])
+    for flag in ("--preset", "--out_dir", "--[no]summarize_only", "--max_runs"):
+        assert flag in res.stdout, flag
+
+
+def test_main_in_process(tmp_path, capsys):
+    """``main(argv)`` takes flags only and returns the exit status, as the other tools."""
+    assert ex.main(["--summarize_only", f"--out_dir={tmp_path / 'absent'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"experiments: error: --out_dir {tmp_path / 'absent'}: no such directory"
 
 
 def test_dry_run_of_the_paper_preset(tmp_path):

@@ -133,3 +133,37 @@ def test_compare_semantics():
     assert not parity.compare("x", [1.0], [1.0, 1.0], 1.0).passed            # shape
     assert not parity.compare("x", [np.nan], [1.0], 1.0).passed              # non-finite
     assert not parity.compare_equal("b", True, False).passed
+
+
+# ------------------------------------------------------------------ flags (iepkt_tf/cli.py)
+
+def test_help_lists_the_flags(capsys):
+    assert parity.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(parity.__doc__.strip().splitlines()[0])
+    assert "--fixtures" in out and "--[no]failures_only" in out
+
+
+@pytest.mark.parametrize("argv, part", [
+    ([], "--fixtures"),                                     # the required flag
+    (["--fixtures"], "--fixtures"),                         # without its value
+    (["--fixtures", str(FIXTURES), "--bogus"], "bogus"),
+    (["--fixtures", str(FIXTURES), "extra"], "unexpected arguments"),
+])
+def test_bad_flags_are_one_line_errors(argv, part, capsys):
+    assert parity.main(argv) == 2
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("parity: error: ") and part in lines[0], err
+    assert out == ""
+
+
+def test_failures_only_prints_only_the_failing_rows(tmp_path, capsys):
+    def perturb(a):
+        a["c1/kld"] = a["c1/kld"] * np.float32(1.001)
+    rewrite("f_kld.npz", tmp_path / "f_kld.npz", perturb)
+    assert parity.main(["--fixtures", str(tmp_path), "--failures_only"]) == 1
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 3 and out[1].startswith("f_kld:c1/kld ") and out[1].endswith("FAIL")
+    n, m = map(int, FINAL.match(out[-1]).groups())
+    assert m == 1 and n > 0
