@@ -30,8 +30,8 @@ Presets (``PRESETS``; a plain dict each: ``common``, ``teacher``, ``variants``, 
 * ``paper``: CIFAR-100, WRN-40-4 teacher -> WRN-16-4 student with the authors' recipe; rates
   1/0.5/0.25/0.1, seeds 0-2, the paper's Table 1 beside ours.
 * ``cpu``: the generated part-constellation task (``--dataset=synthetic_parts``), WRN-16-2 teacher
-  -> WRN-10-1 student, None / KD / IEP at rates 0.1 and 1.0, seeds 0-2 (5,003 s of run wall time
-  on 2 cores shared with other jobs, README). ``cpu_ablation``: IEP ablations at rate 0.1 (an equal-width WRN-10-2 student, each loss
+  -> WRN-10-1 student, all nine methods at rates 0.1 and 1.0, seeds 0-2 (54 runs, 3.2 h of
+  run wall time on 2 cores shared with other jobs, README). ``cpu_ablation``: IEP ablations at rate 0.1 (an equal-width WRN-10-2 student, each loss
   alone, summed clipping, the signed adapter, mixed_bfloat16). Both are of the family ``cpu``:
   run them into one ``--out_dir`` and the ablation reuses the main grid's runs (presets of one
   family share their ``common`` and ``teacher`` flags; ``rate_flags`` adds flags per rate).
