@@ -23,6 +23,13 @@ round, so drift (thermal, other processes) hits all parts equally. ``--warmup`` 
 traces and compiles) are discarded. Per part it prints the median and min-max seconds per step and
 images/s, and the ratios ``main_over_floor`` and ``init_over_floor`` of the medians.
 
+``--replicas N`` adds the parts ``student@N``, ``floor@N``, ``main@N`` (and ``init@N``): the same
+steps on a MirroredStrategy of N replicas (op_util.distribute, ``--batch_graph global``: the
+method's losses on the all-gathered batch), same global batch, timed in the same rounds; the
+report adds ``main_over_floor@N`` and each part's speed-up over one device. On a CPU the N
+logical devices share the same cores, so the speed-up there measures the overhead of the
+replication, not a gain (README).
+
 FLOPs are counted from the traced graph of each step (``count_flops``): 2 FLOPs per multiply-add of
 every ``Conv2D``, ``Conv2DBackpropInput``, ``Conv2DBackpropFilter``, ``MatMul`` and ``BatchMatMul*``
 whose result reaches the step's outputs or side effects, nested functions and ``cond`` branches
@@ -59,6 +66,7 @@ import tensorflow as tf
 from absl import flags
 
 from iepkt_tf.atomic import atomic_open, check_writable
+from iepkt_tf.cli import parse_flags, tool_main
 from iepkt_tf.distillers import METHODS
 from iepkt_tf.distillers.base import Distiller
 from nets.nets_factory import DEFAULT_ARCH, get_network, parse_arch
@@ -292,6 +300,53 @@ class _FreeMethod(Distiller):
         return {k: (k,) for k in terms}
 
 
+class _FloorMethod(Distiller):
+    """Part ``floor@N``: the floor on replicas -- the teacher's forward (its logits enter the
+    step's outputs through a zero term) and the student's cross-entropy training."""
+    name = "floor"
+
+    def main_losses(self, student, teacher, labels, seed):
+        return {"teacher_logits": 0.0 * tf.reduce_sum(tf.cast(teacher.logits, tf.float32))}
+
+
+def replica_parts(cfg, images, labels, lr, warm, seed_of):
+    """Parts ``student@N``, ``floor@N``, ``main@N`` and ``init@N`` (those of ``cfg["parts"]``):
+    the same steps on a MirroredStrategy of ``cfg["replicas"]`` devices (``--batch_graph
+    global``), fresh networks, the same global batch sliced over the replicas. Returns
+    ``(steps, init step or None)``."""
+    from iepkt_tf.distillers import build
+    from op_util import distribute
+
+    n, parts = cfg["replicas"], cfg["parts"]
+    strategy = distribute.make_strategy("mirrored", n)
+    replicas = distribute.Replicas(strategy)
+    size, ncls, wd = cfg["image_size"], cfg["num_classes"], 5e-4
+    with distribute.variable_scope(strategy):
+        student = get_network(cfg["student_arch"], ncls, "Student", size, True)
+        teacher = get_network(cfg["teacher_arch"], ncls, "Teacher", size, False)
+        method = build(cfg["distillation"], student, teacher, image_size=(size, size))
+        plain, floor = build("None", student, None), _FloorMethod(student, teacher, {})
+        optimizer = NesterovMomentum(ts.optimizer_variables(student, method), momentum=0.9)
+    batch = next(iter(distribute.distribute_batches(
+        strategy, lambda: tf.data.Dataset.from_tensors((images, labels)), cfg["batch_size"])))
+    kw = dict(jit_compile=cfg["jit_compile"]["iep"], replicas=replicas)
+
+    def train_args(r):
+        return batch + (lr, warm, seed_of(r))
+
+    steps = {}
+    for part, m in (("student", plain), ("floor", floor), ("main", method)):
+        if part in parts:
+            steps[f"{part}@{n}"] = (ts.make_main_step(m, student, teacher if m is not plain else None,
+                                                      optimizer, wd, **kw), train_args)
+    init = None
+    if method.default_init_epoch and ("init" in parts or "main" in parts):
+        init = ts.make_init_step(method, student, teacher, optimizer, wd, **kw)
+        if "init" in parts:
+            steps[f"init@{n}"] = (init, lambda r: batch + (lr, seed_of(r)))
+    return steps, (lambda: init(*batch, lr, seed_of(-1))) if init is not None else None
+
+
 def _make_forward_fn(model):
     @tf.function
     def forward(images):
@@ -367,8 +422,13 @@ def build_parts(cfg):
     if "infer" in parts:
         fn = ts.make_eval_step(student, jit_compile=jit)
         steps["infer"] = (fn, lambda r: (images, labels))
+    init_replicas = None
+    if cfg.get("replicas", 1) > 1:
+        more, init_replicas = replica_parts(cfg, images, labels, lr, warm, seed_of)
+        steps.update(more)
     layer = method.panel_layer()
     models = {"student": student, "teacher": teacher, "method": method, "init_step": init,
+              "init_replicas": init_replicas,
               "distiller": layer, "images": images, "labels": labels, "lr": lr, "seed_of": seed_of}
     return steps, models
 
@@ -399,6 +459,9 @@ def _stats(times, batch, flops):
 def run_benchmark(cfg, log=print):
     """Build, warm up and time the parts of ``cfg`` (see ``config_from_flags``); returns the result
     dict that ``--json`` writes."""
+    if cfg.get("replicas", 1) > 1:  # logical CPU devices exist only if made before the first op
+        from op_util.distribute import local_devices
+        local_devices(cfg["replicas"])
     policy_before = keras.mixed_precision.global_policy().name
     keras.mixed_precision.set_global_policy(cfg["precision"])
     try:
@@ -408,6 +471,8 @@ def run_benchmark(cfg, log=print):
             # Give the incremental PCA a state before the main step reads it (as after phase 1).
             _fetch(models["init_step"](models["images"], models["labels"], models["lr"],
                                        models["seed_of"](-1)))
+        if models["init_replicas"] is not None:
+            _fetch(models["init_replicas"]())
         names = list(steps)
         times = {p: [] for p in names}
         rss = []
@@ -429,7 +494,7 @@ def run_benchmark(cfg, log=print):
                 log(f"  round {r + 1}/{rounds}  {time.perf_counter() - t_start:.1f} s")
         wall = time.perf_counter() - t_start
 
-        flops = {p: count_flops(steps[p][0], *steps[p][1](0)) for p in names}
+        flops = {p: None if "@" in p else count_flops(steps[p][0], *steps[p][1](0)) for p in names}
         tracing = {p: int(steps[p][0].experimental_get_tracing_count()) for p in names}
         size = cfg["image_size"]
         fwd = {"student_forward_gflop": count_flops(
@@ -469,11 +534,18 @@ def run_benchmark(cfg, log=print):
     for p in names:
         result["parts"][p] = _stats(times[p], cfg["batch_size"], flops[p])
         result["parts"][p]["passes_of_student_forward"] = (
-            flops[p]["flops"] / 1e9 / fwd["student_forward_gflop"])
+            None if flops[p] is None else flops[p]["flops"] / 1e9 / fwd["student_forward_gflop"])
     med = {p: result["parts"][p]["median_s"] for p in names}
     result["main_over_floor"] = med["main"] / med["floor"] if {"main", "floor"} <= set(med) else None
     result["init_over_floor"] = med["init"] / med["floor"] if {"init", "floor"} <= set(med) else None
     result["bare_over_floor"] = med["bare"] / med["floor"] if {"bare", "floor"} <= set(med) else None
+    n = cfg.get("replicas", 1)
+    if n > 1:
+        at = {p: f"{p}@{n}" for p in ("main", "floor", "init")}
+        result[f"main_over_floor@{n}"] = (med[at["main"]] / med[at["floor"]]
+                                          if {at["main"], at["floor"]} <= set(med) else None)
+        result["replica_speedup"] = {p: med[p] / med[f"{p}@{n}"] for p in names
+                                     if f"{p}@{n}" in med}
     timed = rss[cfg["warmup"]:] or rss
     mb = 1024.0 * 1024.0
     result["memory"] = {
@@ -509,14 +581,18 @@ def format_report(res):
         lines.append(f"{p:<{w}} {r['median_s']:9.4f} {r['min_s']:8.4f}-{r['max_s']:<8.4f} "
                      f"{r['images_per_s']:9.1f} {r.get('gflop', float('nan')):8.2f}{mark} "
                      f"{r.get('gflop_per_s', float('nan')):8.1f} "
-                     f"{r['passes_of_student_forward']:7.2f}")
+                     f"{r['passes_of_student_forward'] or float('nan'):7.2f}")
     if partial:
         lines.append("* lower bound: while-loop bodies are counted once (the teacher's leading-vector "
                      "squarings, a few per point), and ops with shapes known only at run time "
                      "(e.g. pfor's reshapes) not at all")
-    for key in ("main_over_floor", "init_over_floor", "bare_over_floor"):
+    n = c.get("replicas", 1)
+    for key in ("main_over_floor", "init_over_floor", "bare_over_floor", f"main_over_floor@{n}"):
         if res.get(key) is not None:
             lines.append(f"{key} = {res[key]:.3f}")
+    if res.get("replica_speedup"):
+        lines.append(f"{n} replicas (part@{n}) over 1 device, seconds per step of the same global "
+                     f"batch: " + ", ".join(f"{p} {v:.2f}x" for p, v in res["replica_speedup"].items()))
     m = res["memory"]
     lines.append(f"host memory: peak RSS {m['peak_rss_mb']:.0f} MB (ru_maxrss {m['ru_maxrss_mb']:.0f} "
                  f"MB), after warm-up {m['rss_after_warmup_mb']:.0f} MB, end {m['rss_end_mb']:.0f} MB, "
@@ -573,6 +649,10 @@ def define_flags(flag_values):
                        "kept small so 200+ steps stay finite).", lower_bound=0.0, flag_values=fv)
     flags.DEFINE_integer("seed", 0, "Seed of the random data and of every step.", flag_values=fv)
     flags.DEFINE_bool("verbose", False, "Print progress every 10% of the rounds.", flag_values=fv)
+    flags.DEFINE_integer("replicas", 1, "With N > 1 also time parts student, floor, main and init "
+                         "on a MirroredStrategy of N replicas (local GPUs, else N logical CPU "
+                         "devices) as 'part@N', same global batch; --batch_size must divide by N.",
+                         lower_bound=1, flag_values=fv)
 
 
 def config_from_flags(fv):
@@ -591,21 +671,23 @@ def config_from_flags(fv):
             "distillation": fv.Distillation,
             "parts": _parse_parts(fv.parts, fv.Distillation), "grad_method": _parse_grad_methods(fv.grad_method),
             "json": fv.json, "learning_rate": fv.learning_rate,
-            "seed": fv.seed, "verbose": fv.verbose}
+            "seed": fv.seed, "verbose": fv.verbose, "replicas": _check_replicas(fv)}
+
+
+def _check_replicas(fv):
+    if fv.batch_size % fv.replicas:
+        raise ValueError(f"--batch_size {fv.batch_size} must be divisible by --replicas {fv.replicas}")
+    return fv.replicas
 
 
 def run(argv, log=print):
     """Parse ``argv`` (flags only, no program name) into a private FlagValues, run the benchmark,
     print the report and write ``--json``. Returns the result dict."""
-    fv = flags.FlagValues()
-    define_flags(fv)
     try:
-        rest = fv(["benchmark"] + list(argv))
+        fv = parse_flags("benchmark", argv, define_flags, __doc__)
     except flags.Error as e:
         raise ValueError(str(e)) from None
-    if len(rest) > 1:
-        raise ValueError(f"unexpected arguments {rest[1:]} (all options are --flags)")
-    return _run_config(config_from_flags(fv), log)
+    return None if fv is None else _run_config(config_from_flags(fv), log)
 
 
 def _run_config(cfg, log):
@@ -653,17 +735,8 @@ def main(argv=None):
             print(f"benchmark: error: {' '.join(str(e).split())}", file=sys.stderr)
             return 2
         return 0
-    if any(a in ("-h", "--help", "--helpshort", "--helpfull") for a in argv):
-        fv = flags.FlagValues()
-        define_flags(fv)
-        print(__doc__.strip() + "\n\nflags:\n" + fv.get_help())
-        return 0
-    try:
-        run(argv)
-    except (ValueError, OSError) as e:
-        print(f"benchmark: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
-    return 0
+    return tool_main("benchmark", argv, define_flags, __doc__,
+                     lambda fv: _run_config(config_from_flags(fv), print), (ValueError, OSError))
 
 
 if __name__ == "__main__":

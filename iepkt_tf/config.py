@@ -17,6 +17,7 @@ from absl import flags
 from dataloader.datasets import DATASETS
 from iepkt_tf.atomic import atomic_open
 from iepkt_tf.distillers import METHODS
+from op_util.distribute import BATCH_GRAPHS, KINDS as DISTRIBUTE_KINDS
 
 MODEL_NAMES = ("WResNet", "ResNet")
 SCOPES = ("Student", "Teacher")
@@ -100,6 +101,22 @@ FLAG_SPECS = (
      "IEP; about the size of train_params.mat) to TRAIN_DIR/vis/params_epoch_XXX.mat, for GIFs "
      "with `python -m iepkt_tf.visualize --run_dir TRAIN_DIR`."),
     ("integer", "keep_checkpoints", 2, "Number of per-epoch checkpoints kept in --train_dir/ckpt."),
+    ("enum", "distribute", "none",
+     "Data parallelism (op_util/distribute.py): none = one device; mirrored = MirroredStrategy over "
+     "the local GPUs (or --replicas logical CPU devices where there is none); multi_worker = "
+     "MultiWorkerMirroredStrategy configured by TF_CONFIG (README). --batch_size is the global "
+     "batch.", DISTRIBUTE_KINDS),
+    ("integer", "replicas", 0,
+     "--distribute mirrored: how many local GPUs (0 = all), or logical CPU devices without a GPU "
+     "(0 = 2)."),
+    ("boolean", "sync_bn", False,
+     "--distribute: the student's batch norms use the moments of the global batch (synchronised "
+     "across replicas), so a step equals the one-device step on the same global batch."),
+    ("enum", "batch_graph", "global",
+     "--distribute: global = every loss sees the all-gathered global batch (IEP's B x B graphs, "
+     "MPNN, attention heads and PCA update as on one device); replica = each replica's losses see "
+     "its own B/R images, gradients averaged (cheaper; another method for batch-level knowledge).",
+     BATCH_GRAPHS),
     ("integer", "synthetic_classes", None,
      "Generated datasets: number of classes (default synthetic 10, synthetic_parts 40)."),
     ("integer", "synthetic_train_per_class", None,
@@ -248,6 +265,11 @@ def resolve_config(cfg):
     _at_least(cfg, "keep_checkpoints", 1)
     _at_least(cfg, "vis_every", 0)
     _at_least(cfg, "vis_images", 3)
+    _at_least(cfg, "replicas", 0)
+    if cfg.distribute == "none":
+        given = [n for n in ("replicas", "sync_bn", "batch_graph") if n in getattr(cfg, "given", ())]
+        if given:
+            raise ConfigError(f"--{given[0]} needs --distribute mirrored or multi_worker")
     for name in ("synthetic_classes", "synthetic_train_per_class", "synthetic_test_per_class",
                  "synthetic_image_size"):
         if getattr(cfg, name) is not None:
@@ -331,7 +353,7 @@ def write_run_config(path, cfg):
 
 # Settings shown in TensorBoard's HParams dashboard: all but where/how the run is stored and reported.
 HPARAMS_EXCLUDE = ("train_dir", "data_dir", "resume", "stop_after", "log_every", "keep_checkpoints",
-                   "vis_every", "vis_images", "vis_snapshots")
+                   "vis_every", "vis_images", "vis_snapshots", "replicas")
 # The scalar tags (all written by the loop below) the dashboard lists next to them.
 HPARAMS_METRICS = ("accuracy/validation", "accuracy/train", "loss/validation", "loss/total")
 def run_hparams(cfg):

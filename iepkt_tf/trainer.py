@@ -159,17 +159,18 @@ def build_models(cfg, data):
     return network, teacher, method
 
 
-def make_steps(cfg, method, network, teacher, optimizer, loss_scale):
-    """``{"init": step or None, "main": step, "eval": step}`` (each compiled once)."""
+def make_steps(cfg, method, network, teacher, optimizer, loss_scale, replicas=None):
+    """``{"init": step or None, "main": step, "eval": step}`` (each compiled once); the training
+    steps run on ``replicas`` (``op_util.distribute.Replicas``) when given."""
     from op_util.train_steps import make_eval_step, make_init_step, make_main_step
 
     jit = cfg.jit_iep if method.grad_rule == "clip" or cfg.init_epoch else cfg.jit_plain
     init = None
     if cfg.init_epoch:
         init = make_init_step(method, network, teacher, optimizer, cfg.weight_decay,
-                              loss_scale=loss_scale, jit_compile=jit)
+                              loss_scale=loss_scale, jit_compile=jit, replicas=replicas)
     main = make_main_step(method, network, teacher, optimizer, cfg.weight_decay,
-                          loss_scale=loss_scale, jit_compile=jit)
+                          loss_scale=loss_scale, jit_compile=jit, replicas=replicas)
     return {"init": init, "main": main, "eval": make_eval_step(network, jit_compile=cfg.jit_plain)}
 
 
@@ -274,15 +275,54 @@ def log_window(run, window, phase, epoch, i, step, lr):
 
 
 # ---------------------------------------------------------------------------------- the loop
+def make_strategy(cfg):
+    """``(strategy or None, Replicas or None, is_chief)`` of ``--distribute`` (a ConfigError naming
+    the flag when the devices, TF_CONFIG or --batch_size cannot carry it)."""
+    from op_util import distribute
+
+    try:
+        strategy = distribute.make_strategy(cfg.distribute, cfg.replicas)
+        if strategy is None:
+            return None, None, True
+        if cfg.batch_size % strategy.num_replicas_in_sync:
+            raise distribute.DistributeError(
+                f"--batch_size {cfg.batch_size} must be divisible by the "
+                f"{strategy.num_replicas_in_sync} replicas of --distribute {cfg.distribute}")
+    except distribute.DistributeError as e:
+        raise ConfigError(str(e)) from None
+    print(f"--distribute {cfg.distribute}: {strategy.num_replicas_in_sync} replicas, global batch "
+          f"{cfg.batch_size}, --batch_graph {cfg.batch_graph}, --sync_bn {cfg.sync_bn}", flush=True)
+    return strategy, distribute.Replicas(strategy, cfg.batch_graph), distribute.is_chief(strategy)
+
+
+def _build(run):
+    """Networks, method, optimiser, loss scale and steps of ``run`` (on its strategy)."""
+    from nets.layers import synchronize_batch_norm
+    from op_util.distribute import variable_scope
+    from op_util.optimizer import DynamicLossScale, NesterovMomentum
+    from op_util.train_steps import optimizer_variables
+
+    cfg = run.cfg
+    with variable_scope(run.strategy):
+        run.network, run.teacher, run.method = build_models(cfg, run.data)
+        run.optimizer = NesterovMomentum(optimizer_variables(run.network, run.method), momentum=0.9)
+        run.loss_scale = DynamicLossScale() if cfg.precision == "mixed_float16" else None
+    if cfg.sync_bn:
+        synchronize_batch_norm(run.network)
+    run.steps = make_steps(cfg, run.method, run.network, run.teacher, run.optimizer, run.loss_scale,
+                           run.replicas)
+
+
 def _run(cfg, epoch_hook):
     import keras
     import tensorflow as tf
 
     from iepkt_tf.checkpoints import on_disk
-    from op_util.optimizer import DynamicLossScale, NesterovMomentum
-    from op_util.train_steps import optimizer_variables
+    from op_util.distribute import barrier
 
-    _make_train_dir(cfg.train_dir)
+    strategy, replicas, chief = make_strategy(cfg)  # before any op: it may make logical devices
+    if chief:
+        _make_train_dir(cfg.train_dir)
     ckpt_dir = os.path.join(cfg.train_dir, "ckpt")
     config_path = os.path.join(cfg.train_dir, "run_config.json")
     previous = on_disk(ckpt_dir)
@@ -293,11 +333,9 @@ def _run(cfg, epoch_hook):
         check_resume_config(cfg, config_path)
     keras.utils.set_random_seed(cfg.seed)
 
-    run = types.SimpleNamespace(cfg=cfg, ckpt_dir=ckpt_dir, data=load_data(cfg))
-    run.network, run.teacher, run.method = build_models(cfg, run.data)
-    run.optimizer = NesterovMomentum(optimizer_variables(run.network, run.method), momentum=0.9)
-    run.loss_scale = DynamicLossScale() if cfg.precision == "mixed_float16" else None
-    run.steps = make_steps(cfg, run.method, run.network, run.teacher, run.optimizer, run.loss_scale)
+    run = types.SimpleNamespace(cfg=cfg, ckpt_dir=ckpt_dir, data=load_data(cfg), strategy=strategy,
+                                replicas=replicas, chief=chief)
+    _build(run)
     run.total_epoch = cfg.init_epoch + cfg.train_epoch
     start = _checkpointing(run, config_path)
 
@@ -306,11 +344,11 @@ def _run(cfg, epoch_hook):
     if epoch_hook is not None:
         epoch_hook("start", start[0], state)
     run.frames = None
-    if cfg.vis_every > 0 and start[0] < run.total_epoch:
+    if cfg.vis_every > 0 and start[0] < run.total_epoch and chief:
         run.frames = EpochFrames(cfg, run.data.test_images, run.data.test_labels, run.network,
                                  run.teacher, run.method.panel_layer(), start[0])
-    run.writer = tf.summary.create_file_writer(cfg.train_dir)
-    if not run.resumed:
+    run.writer = tf.summary.create_file_writer(cfg.train_dir) if chief else tf.summary.create_noop_writer()
+    if not run.resumed and chief:
         from iepkt_tf.visualize import log_hparams
         log_hparams(run.writer, run_hparams(cfg), metrics=HPARAMS_METRICS)
     try:
@@ -318,7 +356,9 @@ def _run(cfg, epoch_hook):
             stopped = _epochs(run, start, stop, epoch_hook, state)
     finally:
         run.writer.close()
-    return stopped if stopped is not None else _finish(run)
+    result = stopped if stopped is not None else _finish(run)
+    barrier(run.strategy)
+    return result
 
 
 def _make_train_dir(train_dir):
@@ -364,7 +404,8 @@ def _checkpointing(run, config_path):
         return epoch, step
     if cfg.resume:
         print(f"--resume: no checkpoint in {run.ckpt_dir}, starting from scratch", flush=True)
-    write_run_config(config_path, cfg)
+    if run.chief:
+        write_run_config(config_path, cfg)
     return 0, 0
 
 
@@ -378,7 +419,8 @@ def _save(run, epoch, step_in_epoch, accs):
     run.accs_var.assign(full)
     run.epoch_var.assign(epoch if step_in_epoch < spe else epoch + 1)
     run.step_var.assign(step_in_epoch if step_in_epoch < spe else 0)
-    run.last_checkpoint = run.manager.save(checkpoint_number=done)
+    if run.chief:  # the other workers hold the same state and write nothing
+        run.last_checkpoint = run.manager.save(checkpoint_number=done)
     return run.last_checkpoint
 
 
@@ -455,8 +497,11 @@ def _train_epoch(run, epoch, begin, accs, lr, warm, stop):
     lr_t, warm_t = tf.constant(lr, tf.float32), tf.constant(warm, tf.float32)
     run.batches_done = begin
     window = []
-    batches = train_dataset(run.data.train_images, run.data.train_labels, cfg.batch_size, cfg.seed,
-                            epoch, start_batch=begin)
+    from op_util.distribute import distribute_batches
+
+    batches = distribute_batches(run.strategy, lambda: train_dataset(
+        run.data.train_images, run.data.train_labels, cfg.batch_size, cfg.seed, epoch,
+        start_batch=begin), cfg.batch_size)
     for i, (images, labels) in enumerate(batches, start=begin):
         step = epoch * spe + i
         seed = step_seed(cfg.seed, step)
@@ -515,11 +560,15 @@ def _finish(run):
     cfg = run.cfg
     params_path = os.path.join(cfg.train_dir, "train_params.mat")
     log_path = os.path.join(cfg.train_dir, "log.mat")
-    save_mat(params_path, collect_params(run.network.tf1_variables(), scope=cfg.main_scope))
     logs = run.logs_var.numpy()
     done = int(run.epoch_var.numpy())
     log = {"training_acc": logs[:done, 0].astype(np.float64),
            "validation_acc": logs[:done, 1].astype(np.float64)}
+    if not run.chief:
+        print("Finished training (this worker writes nothing; the chief writes the outputs)", flush=True)
+        return {"stopped": False, "train_dir": cfg.train_dir, "chief": False, "epochs_done": done,
+                "logs": log}
+    save_mat(params_path, collect_params(run.network.tf1_variables(), scope=cfg.main_scope))
     save_mat(log_path, log)
     print("Finished training!", flush=True)
     print(f"TensorBoard logs: {cfg.train_dir} (tensorboard --logdir {cfg.train_dir})", flush=True)

@@ -111,7 +111,14 @@ class BatchNorm(keras.layers.Layer):
     ``call(x, training, update)``: ``training`` selects batch statistics, ``update`` (default: same
     as ``training``) whether the moving averages are assigned. The authors' MPNN runs a second
     message iteration in training mode without updating (Distillation.py line 91).
+
+    ``synchronized`` (set by :func:`synchronize_batch_norm`, ``--sync_bn``): under a
+    ``tf.distribute`` strategy with several replicas, training mode normalises with the moments
+    of the global batch (all-reduced sums, two passes; Keras' ``synchronized=True``), so the
+    replicas compute what one device computes on the whole batch.
     """
+
+    synchronized = False
 
     def __init__(self, momentum=0.9, epsilon=1e-5, moving_variance=None, **kwargs):
         kwargs.setdefault("autocast", False)
@@ -172,11 +179,30 @@ class BatchNorm(keras.layers.Layer):
         return y, (mean if training else None), (unbiased if training else None), \
             (biased if training else None)
 
+    def _synced(self, x, ctx):
+        """Training-mode moments of the global batch: ``mean = sum(x)/n``, then
+        ``var = sum((x - mean)^2)/n``, each sum all-reduced over the replicas (differentiable)."""
+        x32 = tf.cast(x, tf.float32)
+        axes = list(range(x.shape.rank - 1))
+        local_n = tf.cast(tf.size(x32) // x.shape[-1], tf.float32)
+        total, n = ctx.all_reduce(tf.distribute.ReduceOp.SUM, [tf.reduce_sum(x32, axes), local_n])
+        mean = total / n
+        biased = ctx.all_reduce(tf.distribute.ReduceOp.SUM,
+                                tf.reduce_sum(tf.square(x32 - mean), axes)) / n
+        unbiased = biased * n / (n - 1.0)
+        inv = tf.math.rsqrt(biased + self.epsilon) * self.gamma
+        y = tf.cast(x32 * inv + (self.beta - mean * inv), x.dtype)
+        return y, mean, unbiased, biased
+
     def call(self, x, training=False, update=None):
         if update is None:
             update = training
         x = tf.cast(x, self.compute_dtype)
-        if x.shape.rank in (2, 4):
+        ctx = tf.distribute.get_replica_context() if (training and self.synchronized) else None
+        if ctx is not None and ctx.num_replicas_in_sync > 1:
+            y, mean, unbiased, biased = self._synced(x, ctx)
+            default_mode = "unbiased" if x.shape.rank in (2, 4) else "biased"
+        elif x.shape.rank in (2, 4):
             y, mean, unbiased, biased = self._fused(x, training)
             default_mode = "unbiased"
         else:
@@ -193,6 +219,14 @@ class BatchNorm(keras.layers.Layer):
     def tf1_variables(self):
         return {"beta": self.beta, "gamma": self.gamma, "moving_mean": self.moving_mean,
                 "moving_variance": self.moving_variance}
+
+
+def synchronize_batch_norm(model):
+    """Mark every :class:`BatchNorm` of ``model`` ``synchronized`` (``--sync_bn``); returns how many."""
+    bns = [layer for layer in model._flatten_layers(include_self=False) if isinstance(layer, BatchNorm)]
+    for bn in bns:
+        bn.synchronized = True
+    return len(bns)
 
 
 def collect_tf1_variables(named_layers, prefix=""):

@@ -143,8 +143,10 @@ class NesterovMomentum(tf.Module):
                              "was not given to the optimiser at construction")
         return self.slots[self._untracked.names[i] + "/Momentum"]
 
-    def apply(self, grads, variables, lr):
-        """One TF1 Nesterov step on ``variables`` with ``grads`` (None entries skipped)."""
+    def apply(self, grads, variables, lr, where=None):
+        """One TF1 Nesterov step on ``variables`` with ``grads`` (None entries skipped); with a
+        boolean ``where`` tensor, a step that changes nothing when it is False (no ``tf.cond``:
+        a strategy's replica context cannot assign inside one)."""
         grads, variables = list(grads), list(variables)
         if len(grads) != len(variables):
             raise ValueError(f"NesterovMomentum.apply: {len(grads)} gradients for "
@@ -156,10 +158,16 @@ class NesterovMomentum(tf.Module):
                 continue
             accum = self.slot(v)
             g = tf.cast(g, accum.dtype)
-            new_accum = accum * m + g
+            if where is None:
+                new_accum = accum * m + g
+                accum.assign(new_accum)
+                v.assign_sub(g * lr + new_accum * m * lr)
+                continue
+            g = tf.where(where, g, tf.zeros_like(g))
+            new_accum = tf.where(where, accum * m + g, accum)
             accum.assign(new_accum)
-            v.assign_sub(g * lr + new_accum * m * lr)
-        self.iterations.assign_add(1)
+            v.assign_sub(tf.where(where, g * lr + new_accum * m * lr, tf.zeros_like(g)))
+        self.iterations.assign_add(1 if where is None else tf.cast(where, tf.int64))
 
 
 class DynamicLossScale(tf.Module):
@@ -203,6 +211,10 @@ class DynamicLossScale(tf.Module):
     def apply(self, optimizer, grads, variables, lr):
         """Apply ``optimizer`` if the (already unscaled) ``grads`` are finite; returns that flag."""
         finite = self.all_finite(grads)
+        if tf.distribute.has_strategy() and not tf.distribute.in_cross_replica_context():
+            optimizer.apply(grads, variables, lr, where=finite)
+            self.update(finite)
+            return finite
 
         def do_apply():
             optimizer.apply(grads, variables, lr)

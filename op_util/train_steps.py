@@ -30,6 +30,7 @@ import re
 import tensorflow as tf
 
 from op_util.clipping import clip_with_norms, grad_norm
+from op_util.distribute import Replicas
 from op_util.multi_grad import per_loss_gradients
 from op_util.optimizer import (add_grads, global_norm, module_l2_loss, norm_of_norms,
                                weight_decay_grads, weight_decay_loss)
@@ -75,18 +76,20 @@ def step_seed(run_seed, global_step):
     return tf.constant([int(run_seed), int(global_step)], dtype=tf.int64)
 
 
-def dropout_masks(model, images, seed):
+def dropout_masks(model, images, seed, replicas=None):
     """Stateless keep-masks for the network's dropout layers (None when it does not drop).
 
     WResNet drops after ``bn0`` of every block (``dropout_scopes``) with ``keep_rate``; the mask of
     a block in group g has the shape of that group's output, ``feature_shapes(...)[g + 1]``.
-    The draw is ``U[0,1) < keep_rate`` like ``tf.nn.dropout``.
+    The draw is ``U[0,1) < keep_rate`` like ``tf.nn.dropout``; on replicas (``op_util.distribute``)
+    it is drawn for the global batch and each replica keeps its rows, as one device would.
     """
     scopes = list(getattr(model, "dropout_scopes", None) or [])
     keep = float(getattr(model, "keep_rate", 1.0))
     if not scopes or keep >= 1.0:
         return None
     batch, height, width = (int(d) for d in images.shape[:3])
+    count = 1 if replicas is None else replicas.count
     shapes = model.feature_shapes((height, width))
     masks = {}
     for k, scope in enumerate(scopes):
@@ -96,16 +99,17 @@ def dropout_masks(model, images, seed):
         h, w, c = shapes[int(group.group(1)) + 1]
         s = tf.random.experimental.stateless_fold_in(
             tf.random.experimental.stateless_fold_in(seed, _DROPOUT_STREAM), k)
-        masks[scope] = tf.random.stateless_uniform([batch, h, w, c], seed=s) < keep
+        mask = tf.random.stateless_uniform([batch * count, h, w, c], seed=s) < keep
+        masks[scope] = mask if replicas is None else replicas.slice_rows(mask)
     return masks
 
 
-def forward(model, images, training, seed=None, pre_relu=False):
+def forward(model, images, training, seed=None, pre_relu=False, replicas=None):
     """``model(images, training)`` with stateless dropout masks in training mode, as a
     :class:`~iepkt_tf.distillers.base.Sensed` (``pre_feats`` with ``pre_relu``)."""
     from iepkt_tf.distillers.base import Sensed
 
-    masks = dropout_masks(model, images, seed) if (training and seed is not None) else None
+    masks = dropout_masks(model, images, seed, replicas) if (training and seed is not None) else None
     kwargs = {"dropout_masks": masks} if masks else {}
     if pre_relu:
         kwargs["pre_relu"] = True
@@ -120,7 +124,9 @@ def sense_teacher(teacher, images, pre_relu=False):
                         pre_feats=None if out.pre_feats is None else [stop(f) for f in out.pre_feats])
 
 
-def _function(fn, jit_compile):
+def _function(fn, jit_compile, replicas=None):
+    if replicas is not None:
+        return replicas.compile(fn, jit_compile)
     return tf.function(fn, reduce_retracing=True, jit_compile=bool(jit_compile))
 
 
@@ -146,13 +152,16 @@ def batch_accuracy(logits, labels):
     return correct_count(logits, labels) / tf.cast(tf.shape(labels)[0], tf.float32)
 
 
-def make_init_step(method, student, teacher, optimizer, wd, loss_scale=None, jit_compile=False):
+def make_init_step(method, student, teacher, optimizer, wd, loss_scale=None, jit_compile=False,
+                   replicas=None):
     """The initial phase of ``method``: ``step(images, labels, lr, seed) -> dict``.
 
     Metrics: ``loss`` (= ``module_total``: the method's ``total`` + the L2 of its variables, the
     authors' ``train_op2`` value), ``module_l2``, the method's other terms, ``grad_norm`` (of the
     applied gradient), ``applied``; with ``init_trains_student`` also ``weight_decay`` and
-    ``accuracy``.
+    ``accuracy``. ``replicas``: an ``op_util.distribute.Replicas`` to run on a strategy's replicas
+    (the losses of the all-gathered global batch, or of each replica's own with
+    ``batch_graph="replica"``; gradients all-reduced), None for one device.
     """
     from nets.layers import names_of
 
@@ -160,18 +169,21 @@ def make_init_step(method, student, teacher, optimizer, wd, loss_scale=None, jit
     m_names = names_of(m_vars, method.tf1_variables())
     s_names, s_vars = trainable_named(student.tf1_variables()) if method.init_trains_student else ([], [])
     variables = m_vars + s_vars
+    rep = replicas or Replicas()
 
     def step(images, labels, lr, seed):
-        t_out = sense_teacher(teacher, images, method.needs_pre_relu)
+        t_out = rep.gather_sensed(sense_teacher(teacher, images, method.needs_pre_relu))
+        labels = rep.gather(labels)
         with tf.GradientTape() as tape:
             s_out = None
             if method.init_trains_student:
-                s_out = forward(student, images, True, seed, method.needs_pre_relu)
+                s_out = rep.gather_sensed(forward(student, images, True, seed, method.needs_pre_relu,
+                                                  replicas))
             losses = method.init_losses(s_out, t_out, seed)
             l2 = module_l2_loss(m_vars, m_names, wd)
             total = losses["total"] + l2
-            scaled = _scaled(total, loss_scale)
-        grads = _grads(tape, scaled, variables, loss_scale)
+            scaled = _scaled(rep.scale(total), loss_scale)
+        grads = rep.sum(_grads(tape, scaled, variables, loss_scale))
         if s_vars:
             grads = grads[:len(m_vars)] + add_grads(grads[len(m_vars):],
                                                      weight_decay_grads(s_vars, s_names, wd))
@@ -184,11 +196,11 @@ def make_init_step(method, student, teacher, optimizer, wd, loss_scale=None, jit
             metrics["accuracy"] = batch_accuracy(s_out.logits, labels)
         return metrics
 
-    return _function(step, jit_compile)
+    return _function(step, jit_compile, replicas)
 
 
 def make_main_step(method, student, teacher, optimizer, wd, loss_scale=None, jit_compile=False,
-                   grad_method="auto"):
+                   grad_method="auto", replicas=None):
     """The main phase of ``method``: ``step(images, labels, lr, warm, seed) -> dict``.
 
     Metrics: ``loss`` (``ce_weight * CE`` + the method's terms + L2), ``cross_entropy``, each term,
@@ -196,7 +208,8 @@ def make_main_step(method, student, teacher, optimizer, wd, loss_scale=None, jit
     rule, else of the differentiated loss's), ``applied``; with the clip rule also
     ``grad_norm/<group>`` and ``grad_norm/<group>_clipped`` (global norms of each group's gradient
     before and after clipping), ``grad_norm/total`` (the applied gradient) and ``warmup``.
-    ``grad_method``: how the per-group gradients are taken (op_util.multi_grad).
+    ``grad_method``: how the per-group gradients are taken (op_util.multi_grad); ``replicas``
+    as in :func:`make_init_step` (the clip rule clips the all-reduced gradients).
     """
     from nets.layers import names_of
 
@@ -208,27 +221,30 @@ def make_main_step(method, student, teacher, optimizer, wd, loss_scale=None, jit
     if method.grad_rule not in ("weighted", "clip"):
         raise ValueError(f"{method.name}: grad_rule must be 'weighted' or 'clip', got {method.grad_rule!r}")
     ce_weight = float(method.ce_weight)
+    rep = replicas or Replicas()
 
     def step(images, labels, lr, warm, seed):
         t_out = None
         if method.needs_teacher and method.main_needs_teacher:
-            t_out = sense_teacher(teacher, images, method.needs_pre_relu)
+            t_out = rep.gather_sensed(sense_teacher(teacher, images, method.needs_pre_relu))
+        labels = rep.gather(labels)
         with tf.GradientTape(persistent=clip) as tape:
-            s_out = forward(student, images, True, seed, method.needs_pre_relu)
+            s_out = rep.gather_sensed(forward(student, images, True, seed, method.needs_pre_relu,
+                                              replicas))
             ce = cross_entropy(s_out.logits, labels)
             terms = {k: tf.cast(v, tf.float32)
                      for k, v in method.main_losses(s_out, t_out, labels, seed).items()}
             if clip:
                 groups = method.clip_groups(tuple(terms))
-                scaled = [_scaled(tf.add_n([terms[k] for k in group]), loss_scale)
+                scaled = [_scaled(rep.scale(tf.add_n([terms[k] for k in group])), loss_scale)
                           for group in groups.values()]
                 objective = ce
             else:
                 objective = ce if ce_weight == 1.0 else ce_weight * ce
                 for v in terms.values():
                     objective = objective + v
-            scaled_objective = _scaled(objective, loss_scale)
-        g_main = _grads(tape, scaled_objective, variables, loss_scale)
+            scaled_objective = _scaled(rep.scale(objective), loss_scale)
+        g_main = rep.sum(_grads(tape, scaled_objective, variables, loss_scale))
         metrics = {"cross_entropy": ce, **terms}
         parts = [g_main]
         if clip:
@@ -237,6 +253,7 @@ def make_main_step(method, student, teacher, optimizer, wd, loss_scale=None, jit
             for name, g_k in zip(groups, g_groups):
                 if loss_scale is not None:
                     g_k = loss_scale.unscale(g_k)
+                g_k = rep.sum(g_k)
                 clipped, norms, clipped_norms = zip(*[clip_with_norms(g, n, warm)
                                                       for g, n in zip(g_k, ce_norms)])
                 parts.append(list(clipped))
@@ -259,7 +276,7 @@ def make_main_step(method, student, teacher, optimizer, wd, loss_scale=None, jit
                         "accuracy": batch_accuracy(s_out.logits, labels), "applied": applied})
         return metrics
 
-    return _function(step, jit_compile)
+    return _function(step, jit_compile, replicas)
 
 
 def make_eval_step(model, jit_compile=False):
