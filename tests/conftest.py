@@ -39,14 +39,31 @@ def assert_close(got, ref, tol, what="", atol=0.0):
     assert err <= bound, f"{what}: max|diff| {err:.3g} > {bound:.3g}"
 
 
-@pytest.fixture
-def nets():
-    """A WRN-10-1 student and a WRN-10-2 teacher (unequal widths), 5 classes, 16x16 images."""
+def make_nets(seed=None):
+    """A WRN-10-1 student and a WRN-10-2 teacher (unequal widths), 5 classes, 16x16 images;
+    initialised after ``tf.random.set_seed(seed)`` when a seed is given."""
+    import tensorflow as tf
+
     from nets.nets_factory import get_network
 
+    if seed is not None:
+        tf.random.set_seed(seed)
     student = get_network("WResNet-10-1", 5, "Student", (16, 16), is_main=True)
     teacher = get_network("WResNet-10-2", 5, "Teacher", (16, 16), is_main=False)
     return student, teacher
+
+
+@pytest.fixture
+def nets():
+    """:func:`make_nets` under the per-test seed."""
+    return make_nets()
+
+
+def random_images(seed, batch=8, size=16):
+    """A seeded batch of standard-normal images ``[batch, size, size, 3]``."""
+    import tensorflow as tf
+
+    return tf.random.stateless_normal([batch, size, size, 3], seed=list(seed))
 
 
 def trainable(named):

@@ -8,7 +8,7 @@ import tensorflow as tf
 
 from iepkt_tf.distillers.ab import AB, POINTS, ab_loss, boundary_mismatch, point_weights
 from iepkt_tf.distillers.base import Sensed
-from tests.conftest import nonzero, trainable
+from tests.conftest import nonzero, random_images, trainable
 
 IMAGE = (16, 16)
 
@@ -108,7 +108,7 @@ def _options(**kw):
 
 
 def _images():
-    return tf.random.stateless_normal([8, 16, 16, 3], seed=[5, 6])
+    return random_images([5, 6])
 
 
 def test_declaration_and_variable_names(nets):

@@ -8,6 +8,7 @@ import tensorflow as tf
 from iepkt_tf.distillers.at import (AT, POINTS, at_channel_loss, at_paper_loss, attention_map,
                                     channel_normalize)
 from iepkt_tf.distillers.base import Sensed
+from tests.conftest import make_nets
 
 # ----------------------------------------------------------------------------- NumPy references
 
@@ -134,11 +135,7 @@ def test_finite_difference_gradients(form):
 
 @pytest.fixture(scope="module")
 def nets():
-    from nets.nets_factory import get_network
-    tf.random.set_seed(11)
-    student = get_network("WResNet-10-1", 5, "Student", (16, 16), is_main=True)
-    teacher = get_network("WResNet-10-2", 5, "Teacher", (16, 16), is_main=False)
-    return student, teacher
+    return make_nets(11)
 
 
 def _options(**kw):

@@ -30,37 +30,32 @@ TINY = ["--dataset", "synthetic", "--synthetic_classes", "4", "--synthetic_train
         "--val_batch_size", "32", "--log_every", "4", "--vis_every", "0", "--precision", "float32"]
 
 
-def _run(cmd, timeout, env=None):
-    """``cmd`` in its own process group; killed (group) at ``timeout`` seconds."""
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+def _side_by_side(commands, timeout=600, envs=None):
+    """``[(exit status, output)]`` of ``commands`` run at the same time (one per core), each in
+    its own process group, all killed at ``timeout`` seconds."""
+    envs = envs or [None] * len(commands)
+    procs = [subprocess.Popen(c, cwd=REPO, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, start_new_session=True) for c, e in zip(commands, envs)]
     try:
-        out, _ = proc.communicate(timeout=timeout)
+        outs = [p.communicate(timeout=timeout)[0] for p in procs]
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"{' '.join(cmd[:3])}... did not finish within {timeout} s:\n{out[-3000:]}")
-    return proc.returncode, out
-
-
-def _cases(groups, timeout=900):
-    """Each group of cases in its own subprocess, the groups side by side (one per core)."""
-    procs = [subprocess.Popen([sys.executable, "tests/distribute_case.py"] + g, cwd=REPO, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-             for g in groups]
-    rows = []
-    try:
-        for p in procs:
-            out = p.communicate(timeout=timeout)[0]
-            assert p.returncode == 0, out[-3000:]
-            rows += [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"tests/distribute_case.py did not finish within {timeout} s")
+        pytest.fail(f"{' '.join(commands[0][1:3])}...: {len(commands)} process(es) did not stop "
+                    f"within {timeout} s")
     finally:
         for p in procs:
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.communicate()
+    return [(p.returncode, o) for p, o in zip(procs, outs)]
+
+
+def _cases(groups, timeout=900):
+    """Each group of cases in its own subprocess, the groups side by side."""
+    rows = []
+    for code, out in _side_by_side([[sys.executable, "tests/distribute_case.py"] + g for g in groups],
+                                   timeout):
+        assert code == 0, out[-3000:]
+        rows += [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     return {r["case"]: r for r in rows}
 
 
@@ -107,21 +102,6 @@ def _train_cmd(train_dir, teacher, *extra):
             "--student_arch", "WResNet-10-1", "--teacher_arch", "WResNet-10-2", "--teacher_params",
             teacher, "--init_epoch", "1", "--train_epoch", "1", "--train_dir", str(train_dir)] + TINY + list(extra)
 
-
-def _side_by_side(commands, timeout=600):
-    """``[(exit status, output)]`` of ``commands`` run at the same time (one per core)."""
-    procs = [subprocess.Popen(c, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              start_new_session=True) for c in commands]
-    try:
-        outs = [p.communicate(timeout=timeout)[0] for p in procs]
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"{len(commands)} training runs did not finish within {timeout} s")
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.communicate()
-    return [(p.returncode, o) for p, o in zip(procs, outs)]
 
 
 def _params(train_dir):
@@ -170,26 +150,16 @@ def test_two_multi_worker_processes_on_loopback_write_one_set_of_outputs(tmp_pat
            "--student_arch", "WResNet-10-1", "--teacher_arch", "WResNet-10-2", "--teacher_params",
            teacher_mat, "--init_epoch", "1", "--train_epoch", "1", "--train_dir", str(tmp_path / "run"),
            "--distribute", "multi_worker", "--sync_bn"] + TINY
-    procs = []
-    try:
-        for index in range(2):
-            env = dict(os.environ, TF_CONFIG=json.dumps({"cluster": cluster,
-                                                         "task": {"type": "worker", "index": index}}))
-            procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                          stderr=subprocess.STDOUT, text=True, start_new_session=True))
-        outs = [p.communicate(timeout=420)[0] for p in procs]
-    except subprocess.TimeoutExpired:
-        pytest.fail("the multi_worker run did not stop within 420 s")
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.communicate()
-    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-2000:] for o in outs)
+    envs = [dict(os.environ, TF_CONFIG=json.dumps({"cluster": cluster,
+                                                   "task": {"type": "worker", "index": i}}))
+            for i in range(2)]
+    results = _side_by_side([cmd, cmd], timeout=420, envs=envs)
+    outs = [o for _, o in results]
+    assert [c for c, _ in results] == [0, 0], "\n".join(o[-2000:] for o in outs)
     assert "--distribute multi_worker: 2 replicas" in outs[0] and "Finished training!" in outs[0]
     assert "this worker writes nothing" in outs[1]
     files = sorted(os.listdir(tmp_path / "run"))
-    assert [f for f in files if f.startswith("events.")].__len__() == 1, files
+    assert len([f for f in files if f.startswith("events.")]) == 1, files
     assert {"train_params.mat", "log.mat", "run_config.json", "ckpt"} <= set(files), files
     assert len(load_mat(os.path.join(tmp_path / "run", "log.mat"))["validation_acc"].ravel()) == 2
 
@@ -222,10 +192,11 @@ def test_a_damaged_tf_config_is_named(monkeypatch, text):
 
 def test_the_benchmark_times_one_and_two_replicas(tmp_path):
     out_json = tmp_path / "bench.json"
-    code, out = _run([sys.executable, "-m", "iepkt_tf.benchmark", "--student_arch", "WResNet-10-1",
-                      "--teacher_arch", "WResNet-10-2", "--batch_size", "8", "--image_size", "16",
-                      "--num_classes", "4", "--steps", "2", "--warmup", "1", "--parts", "floor,main",
-                      "--Distillation", "KD", "--replicas", "2", "--json", str(out_json)], 600)
+    cmd = [sys.executable, "-m", "iepkt_tf.benchmark", "--student_arch", "WResNet-10-1",
+           "--teacher_arch", "WResNet-10-2", "--batch_size", "8", "--image_size", "16",
+           "--num_classes", "4", "--steps", "2", "--warmup", "1", "--parts", "floor,main",
+           "--Distillation", "KD", "--replicas", "2", "--json", str(out_json)]
+    ((code, out),) = _side_by_side([cmd], 600)
     assert code == 0, out[-3000:]
     res = json.loads(out_json.read_text())
     assert set(res["parts"]) == {"floor", "main", "floor@2", "main@2"}

@@ -10,7 +10,7 @@ from iepkt_tf.distillers.base import Sensed
 from iepkt_tf.distillers.ft import (CODE_L1_WEIGHT, FT, Conv2DTranspose, factor_channels, ft_loss,
                                     reconstruction_loss)
 from nets.nets_factory import get_network
-from tests.conftest import nonzero, trainable
+from tests.conftest import nonzero, random_images, trainable
 
 IMAGE = (16, 16)
 
@@ -133,7 +133,7 @@ def _options(**kw):
 
 
 def _images():
-    return tf.random.stateless_normal([8, 16, 16, 3], seed=[1, 2])
+    return random_images([1, 2])
 
 
 def test_declaration_and_variable_names(nets):

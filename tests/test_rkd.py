@@ -6,6 +6,7 @@ import pytest
 import tensorflow as tf
 
 from iepkt_tf.distillers.base import Sensed
+from tests.conftest import make_nets
 from iepkt_tf.distillers.rkd import (RKD, angle_potential, distance_potential, huber,
                                      rkd_angle_loss, rkd_distance_loss)
 
@@ -153,11 +154,7 @@ def test_identical_samples_give_finite_gradients():
 
 @pytest.fixture(scope="module")
 def nets():
-    from nets.nets_factory import get_network
-    tf.random.set_seed(21)
-    student = get_network("WResNet-10-1", 5, "Student", (16, 16), is_main=True)
-    teacher = get_network("WResNet-10-2", 5, "Teacher", (16, 16), is_main=False)
-    return student, teacher
+    return make_nets(21)
 
 
 def _options(**kw):

@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from iepkt_tf.distillers.base import Distiller, Flag, connector, positive
+from iepkt_tf.distillers.base import Distiller, Flag, connector, connector_layers, positive
 
 DEFAULT_MARGIN = 1.0
 POINTS = (1, 2, 3)  # pre_feats[1:4]: entries of groups 1, 2 and the final BN, before their ReLU
@@ -138,8 +138,4 @@ class AB(Distiller):
         return {}
 
     def tf1_layers(self):
-        out = {}
-        for k, conv, bn in zip(POINTS, self.convs, self.bns):
-            out[f"Connector{k}/conv"] = conv
-            out[f"Connector{k}/bn"] = bn
-        return out
+        return connector_layers("", POINTS, self.convs, self.bns)

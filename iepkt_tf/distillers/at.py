@@ -68,7 +68,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from iepkt_tf.distillers.base import Distiller, Flag, connector, positive
+from iepkt_tf.distillers.base import Distiller, Flag, connector, connector_layers, positive
 
 POINTS = (1, 2, 3)
 FORMS = ("tf2", "paper")
@@ -198,8 +198,4 @@ class AT(Distiller):
         return {f"at{k}": tf.cast(w * l, tf.float32) for k, w, l in zip(POINTS, weights, losses)}
 
     def tf1_layers(self):
-        out = {}
-        for k, conv, bn in zip(POINTS, self.convs, self.conv_bns):
-            out[f"AT/Connector{k}/conv"] = conv
-            out[f"AT/Connector{k}/bn"] = bn
-        return out
+        return connector_layers("AT/", POINTS, self.convs, self.conv_bns)

@@ -73,6 +73,15 @@ def connector(in_channels, out_channels, name):
     return conv, bn
 
 
+def connector_layers(prefix, points, convs, bns):
+    """``{f"{prefix}Connector{k}/conv": conv, .../bn: bn}``: the connectors' TF1 scopes."""
+    out = {}
+    for k, conv, bn in zip(points, convs, bns):
+        out[f"{prefix}Connector{k}/conv"] = conv
+        out[f"{prefix}Connector{k}/bn"] = bn
+    return out
+
+
 class Distiller:
     """Base of every method. Subclasses set the class attributes and override what they use.
 

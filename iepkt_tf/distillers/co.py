@@ -51,7 +51,7 @@ import math
 
 import tensorflow as tf
 
-from iepkt_tf.distillers.base import Distiller, Flag, connector, positive
+from iepkt_tf.distillers.base import Distiller, Flag, connector, connector_layers, positive
 
 POINTS = (1, 2, 3)
 DEFAULT_WEIGHT = 1e-3
@@ -148,8 +148,4 @@ class CO(Distiller):
         return {"co": self.weight * total / batch}
 
     def tf1_layers(self):
-        out = {}
-        for k, conv, bn in zip(POINTS, self.convs, self.conv_bns):
-            out[f"CO/Connector{k}/conv"] = conv
-            out[f"CO/Connector{k}/bn"] = bn
-        return out
+        return connector_layers("CO/", POINTS, self.convs, self.conv_bns)
