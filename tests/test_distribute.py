@@ -25,6 +25,7 @@ TOL = 2e-4  # float32 over different reduction orders (tests/distribute_case.py'
 GLOBAL_CASES = ["None:main", "IEP:init", "IEP:main", "KD:main", "AB:init", "FT:main", "RKD:main",
                 "MHGD:main", "CO:main"]
 REPLICA_CASES = ["None:main:replica", "IEP:main:replica"]
+OVERFLOW_CASES = ["IEP:main:overflow"]
 TINY = ["--dataset", "synthetic", "--synthetic_classes", "4", "--synthetic_train_per_class", "16",
         "--synthetic_test_per_class", "8", "--synthetic_image_size", "16", "--batch_size", "8",
         "--val_batch_size", "32", "--log_every", "4", "--vis_every", "0", "--precision", "float32"]
@@ -61,7 +62,7 @@ def _cases(groups, timeout=900):
 
 @pytest.fixture(scope="module")
 def cases():
-    every = GLOBAL_CASES + REPLICA_CASES
+    every = GLOBAL_CASES + REPLICA_CASES + OVERFLOW_CASES
     return _cases([every[0::2], every[1::2]])
 
 
@@ -82,6 +83,14 @@ def test_batch_graph_replica_changes_only_the_batch_level_knowledge(cases):
     assert max(none["metrics"], none["variables"], none["slots"]) <= TOL, none
     # IEP's graphs of B/R images are another computation than the global batch's
     assert iep["metrics"] > 1e-3 and iep["replicas_equal"], iep
+
+
+def test_mixed_float16_skips_an_overflowing_step_on_every_replica_as_on_one_device(cases):
+    """The loss scale's skip without ``tf.cond`` (a replica cannot assign inside one): nothing
+    trained moves, and the scale halves at each of the two steps, as on one device."""
+    r = cases[OVERFLOW_CASES[0]]
+    assert r["trained"] == 0 and r["replicas_equal"], r
+    assert r["loss_scales"] == pytest.approx([2.5e29, 2.5e29], rel=1e-6), r
 
 
 @pytest.fixture(scope="module")
