@@ -20,6 +20,10 @@ Differences from the authors' loop (documented choices):
 * Validation keeps the incomplete last batch (the authors drop it; for CIFAR it divides evenly).
 * Dropout masks and a method's noise (IEP's drop-head) are drawn from stateless seeds ``(--seed, step)``.
 
+``--distribute`` (op_util/distribute.py): the networks, the method and the optimiser are created
+on the strategy, each global batch is sliced over the replicas, the steps run on every replica,
+and only the chief writes (checkpoints, ``.mat`` files, event logs, frames).
+
 The optimiser of IEP is not published; ``op_util`` reconstructs it from the same authors'
 ``Optimizer_w_MHGD`` (see op_util/clipping.py).
 """
