@@ -21,6 +21,7 @@ global batch's moments (``nets.layers.BatchNorm.synchronized``).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -121,25 +122,15 @@ def _creator(next_creator, **kwargs):
     return next_creator(**kwargs)
 
 
-class variable_scope:
+@contextlib.contextmanager
+def variable_scope(strategy):
     """Create variables for ``strategy`` (a no-op for ``None``): mirrored, with the aggregations
     of the module docstring so the step can assign them in the replica context."""
-
-    def __init__(self, strategy):
-        self.strategy = strategy
-        self._scopes = []
-
-    def __enter__(self):
-        if self.strategy is not None:
-            self._scopes = [self.strategy.scope(), tf.variable_creator_scope(_creator)]
-            for s in self._scopes:
-                s.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        for s in reversed(self._scopes):
-            s.__exit__(*exc)
-        return False
+    if strategy is None:
+        yield
+        return
+    with strategy.scope(), tf.variable_creator_scope(_creator):
+        yield
 
 
 def distribute_batches(strategy, make_dataset, batch_size):
