@@ -21,6 +21,7 @@ global batch's moments (``nets.layers.BatchNorm.synchronized``).
 """
 from __future__ import annotations
 
+import collections.abc
 import contextlib
 import json
 import os
@@ -162,6 +163,25 @@ def distribute_batches(strategy, make_dataset, batch_size):
     return strategy.distribute_datasets_from_function(fn, options)
 
 
+class _Gathered(collections.abc.Sequence):
+    """A list of per-replica maps whose entry ``i`` is ``gather(items[i])``, made on first read
+    (every replica reads in the same order, so their collectives pair up)."""
+
+    def __init__(self, items, gather):
+        self._items, self._gather, self._done = list(items), gather, {}
+
+    def __len__(self):
+        return len(self._items)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        i = range(len(self))[i]
+        if i not in self._done:
+            self._done[i] = self._gather(self._items[i])
+        return self._done[i]
+
+
 class Replicas:
     """What a step needs to know of the replicas it runs on (one device: ``Replicas()``).
 
@@ -194,9 +214,11 @@ class Replicas:
         return out
 
     def gather_sensed(self, sensed):
+        """The logits gathered; each feature map gathered when the method first reads it
+        (a collective is never pruned from the graph, so unread maps must not be gathered)."""
         if sensed is None or not (self.distributed and self.global_graph):
             return sensed
-        many = lambda xs: None if xs is None else [self.gather(x) for x in xs]
+        many = lambda xs: None if xs is None else _Gathered(xs, self.gather)
         return sensed._replace(logits=self.gather(sensed.logits), feats=many(sensed.feats),
                                pre_feats=many(sensed.pre_feats))
 

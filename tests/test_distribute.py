@@ -221,3 +221,12 @@ def test_a_batch_the_benchmark_replicas_cannot_split_is_one_line(capsys):
     assert benchmark.main(["--batch_size", "9", "--replicas", "2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["benchmark: error: --batch_size 9 must be divisible by --replicas 2"]
+
+
+def test_a_feature_map_is_gathered_only_when_a_method_reads_it():
+    """Collectives are never pruned from a graph: plain training must not gather the maps."""
+    calls = []
+    maps = distribute._Gathered(["f0", "f1", "f2", "f3"], lambda x: calls.append(x) or x.upper())
+    assert calls == [] and len(maps) == 4
+    assert maps[1:4] == ["F1", "F2", "F3"] and maps[-1] == "F3" and list(maps)[0] == "F0"
+    assert calls == ["f1", "f2", "f3", "f0"]  # each once, in the order read
