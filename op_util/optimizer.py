@@ -13,9 +13,12 @@ built (never inside a ``tf.function``) and checkpointable through ``tf.train.Che
 Weight decay: the authors' arg scope (KD_methods_with_TF nets/ResNet.py ``ResNet_arg_scope``) puts
 ``l2_regularizer(5e-4)`` on every conv/FC ``weights`` and every BN ``gamma`` and ``beta``;
 ``l2_regularizer(wd)(w) = wd * sum(w**2) / 2``, so its gradient is ``wd * w``
-(``weight_decay_grads``). The distillation module is regularised in the optimiser instead
-(``Optimizer_w_MHGD``: ``mha_loss += 5e-4 * sum(v**2)`` over variables whose leaf name starts with
-``g``, ``w`` or ``b``: gamma, weights, biases, beta), see ``module_l2_loss``.
+(``weight_decay_grads``). A method's own variables are decayed in its authors' form (the
+method's ``module_decay``, :mod:`iepkt_tf.distillers.base`): MHGD's and IEP's module in the
+optimiser (``Optimizer_w_MHGD``: ``mha_loss += 5e-4 * sum(v**2)`` over variables whose leaf name
+starts with ``g``, ``w`` or ``b``: gamma, weights, biases, beta; see ``module_l2_loss``); the
+methods taken from the authors' TF2 repository by ``gradient += wd * v`` on every variable
+(``weight_decay_grads(..., every_leaf=True)``).
 """
 from __future__ import annotations
 
@@ -36,22 +39,24 @@ def is_decayed(name):
     return leaf_name(name) in DECAYED_LEAVES
 
 
-def weight_decay_grads(variables, names, wd):
-    """The gradient of the authors' L2 regularisation: ``wd * v`` where ``is_decayed(name)``, else
-    None (one entry per variable, aligned with ``variables``)."""
+def weight_decay_grads(variables, names, wd, every_leaf=False):
+    """The gradient of the authors' L2 regularisation: ``wd * v`` where ``is_decayed(name)`` (or for
+    every variable with ``every_leaf``: the TF2 repository's ``g + v * weight_decay``, its
+    ``op_util.py`` line 38), else None (one entry per variable, aligned with ``variables``)."""
     variables, names = list(variables), list(names)
     if len(variables) != len(names):
         raise ValueError(f"weight_decay_grads: {len(variables)} variables but {len(names)} names")
     out = []
     for v, n in zip(variables, names):
-        out.append(tf.convert_to_tensor(v) * wd if wd and is_decayed(n) else None)
+        out.append(tf.convert_to_tensor(v) * wd if wd and (every_leaf or is_decayed(n)) else None)
     return out
 
 
-def weight_decay_loss(variables, names, wd):
-    """The authors' regularisation loss ``sum wd * l2_loss(v) = wd/2 * sum v**2`` (for logging)."""
+def weight_decay_loss(variables, names, wd, every_leaf=False):
+    """The regularisation loss whose gradient :func:`weight_decay_grads` is: ``wd/2 * sum v**2``
+    (the authors' ``sum wd * l2_loss(v)``; for logging)."""
     terms = [tf.reduce_sum(tf.square(tf.convert_to_tensor(v)))
-             for v, n in zip(variables, names) if is_decayed(n)]
+             for v, n in zip(variables, names) if every_leaf or is_decayed(n)]
     if not terms or not wd:
         return tf.constant(0.0)
     return 0.5 * wd * tf.add_n(terms)

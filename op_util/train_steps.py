@@ -14,13 +14,16 @@ drop-head) in the method. A step is therefore a pure function of (state, batch, 
 ``--resume`` reproduce an uninterrupted run exactly.
 
 * initial phase (the authors' ``train_op2``): teacher forward in inference mode, the method's
-  ``init_losses`` + ``wd * sum(v**2)`` over its ``init_variables`` (``Optimizer_w_MHGD``), update of
-  those (and of the student with the gradient-form weight decay when ``init_trains_student``).
+  ``init_losses``, update of its ``init_variables`` (and of the student when
+  ``init_trains_student``); weight decay in the method's authors' form (``module_decay``:
+  ``wd * sum(v**2)`` in the loss, ``Optimizer_w_MHGD``, or ``wd * v`` on the gradient, TF2) and on
+  the student's gradient, in both cases only on variables the losses reach.
 * main phase (``train_op``): teacher forward (inference), student forward (training),
   cross-entropy, the method's ``main_losses``; ``grad_rule "weighted"`` differentiates
   ``ce_weight * CE + sum(terms)``, ``"clip"`` clips the gradient of each of the method's
   ``clip_groups`` per variable to ``||g_ce|| * warm-up`` (op_util.clipping) before adding it to the
-  cross-entropy gradient; weight decay ``wd * w`` on weights/gamma/beta; Nesterov momentum.
+  cross-entropy gradient; weight decay ``wd * w`` on the student's weights/gamma/beta and on
+  the method's variables (every one of them with ``module_decay = "tf2"``); Nesterov momentum.
 * ``make_eval_step``: inference forward -> (correct count, summed cross-entropy).
 """
 from __future__ import annotations
@@ -148,6 +151,19 @@ def _apply(optimizer, grads, variables, lr, loss_scale):
     return loss_scale.apply(optimizer, grads, variables, lr)
 
 
+def _module_decay(method):
+    form = getattr(method, "module_decay", "tf2")
+    if form not in ("tf2", "mhgd"):
+        raise ValueError(f"{method.name}: module_decay must be 'tf2' or 'mhgd', got {form!r}")
+    return form
+
+
+def _where_reached(decay, grads):
+    """``decay`` where the loss's gradient exists, else None: a variable the phase's losses do not
+    reach is neither decayed nor moved (TF2 ``AB.py`` lines 58-60, ``g + v * wd if g is not None``)."""
+    return [None if g is None else d for d, g in zip(decay, grads)]
+
+
 def batch_accuracy(logits, labels):
     return correct_count(logits, labels) / tf.cast(tf.shape(labels)[0], tf.float32)
 
@@ -169,6 +185,7 @@ def make_init_step(method, student, teacher, optimizer, wd, loss_scale=None, jit
     m_names = names_of(m_vars, method.tf1_variables())
     s_names, s_vars = trainable_named(student.tf1_variables()) if method.init_trains_student else ([], [])
     variables = m_vars + s_vars
+    tf2_decay = _module_decay(method) == "tf2"
     rep = replicas or Replicas()
 
     def step(images, labels, lr, seed):
@@ -180,19 +197,24 @@ def make_init_step(method, student, teacher, optimizer, wd, loss_scale=None, jit
                 s_out = rep.gather_sensed(forward(student, images, True, seed, method.needs_pre_relu,
                                                   replicas))
             losses = method.init_losses(s_out, t_out, seed)
-            l2 = module_l2_loss(m_vars, m_names, wd)
-            total = losses["total"] + l2
+            if tf2_decay:
+                l2 = weight_decay_loss(m_vars, m_names, wd, every_leaf=True)
+                total = losses["total"] + tf.stop_gradient(l2)
+            else:
+                l2 = module_l2_loss(m_vars, m_names, wd)
+                total = losses["total"] + l2
             scaled = _scaled(rep.scale(total), loss_scale)
         grads = rep.sum(_grads(tape, scaled, variables, loss_scale))
-        if s_vars:
-            grads = grads[:len(m_vars)] + add_grads(grads[len(m_vars):],
-                                                     weight_decay_grads(s_vars, s_names, wd))
+        decay = (weight_decay_grads(m_vars, m_names, wd, every_leaf=True) if tf2_decay
+                 else [None] * len(m_vars)) + weight_decay_grads(s_vars, s_names, wd)
+        grads = add_grads(grads, _where_reached(decay, grads))
         applied = _apply(optimizer, grads, variables, lr, loss_scale)
         metrics = {k: v for k, v in losses.items() if k != "total"}
         metrics.update({"loss": total, "module_total": total, "module_l2": l2,
                         "grad_norm": global_norm(grads), "applied": applied})
         if s_vars:
-            metrics["weight_decay"] = weight_decay_loss(s_vars, s_names, wd)
+            reached = [(v, n) for v, n, g in zip(s_vars, s_names, grads[len(m_vars):]) if g is not None]
+            metrics["weight_decay"] = weight_decay_loss(*zip(*reached), wd) if reached else tf.constant(0.0)
             metrics["accuracy"] = batch_accuracy(s_out.logits, labels)
         return metrics
 
@@ -217,6 +239,7 @@ def make_main_step(method, student, teacher, optimizer, wd, loss_scale=None, jit
     d_vars = list(method.main_variables())
     d_names = names_of(d_vars, method.tf1_variables()) if d_vars else []
     names, variables = s_names + d_names, s_vars + d_vars
+    every_leaf = _module_decay(method) == "tf2"
     clip = method.grad_rule == "clip"
     if method.grad_rule not in ("weighted", "clip"):
         raise ValueError(f"{method.name}: grad_rule must be 'weighted' or 'clip', got {method.grad_rule!r}")
@@ -260,9 +283,12 @@ def make_main_step(method, student, teacher, optimizer, wd, loss_scale=None, jit
                 metrics["grad_norm/" + name] = norm_of_norms(norms)
                 metrics["grad_norm/" + name + "_clipped"] = norm_of_norms(clipped_norms)
             del tape
-        grads = add_grads(*parts, weight_decay_grads(variables, names, wd))
+        decay = (weight_decay_grads(s_vars, s_names, wd)
+                 + weight_decay_grads(d_vars, d_names, wd, every_leaf=every_leaf))
+        grads = add_grads(*parts, decay)
         applied = _apply(optimizer, grads, variables, lr, loss_scale)
-        l2 = weight_decay_loss(variables, names, wd)
+        l2 = (weight_decay_loss(s_vars, s_names, wd)
+              + weight_decay_loss(d_vars, d_names, wd, every_leaf=every_leaf))
         if clip:
             total = ce + l2
             for v in terms.values():

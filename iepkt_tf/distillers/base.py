@@ -12,6 +12,13 @@ listed in ``iepkt_tf.distillers.METHODS``. The training loop and the one train-s
   momentum is then reset when the main phase starts, as the authors' separate optimisers do) on
   :meth:`init_losses` at ``init_learning_rate`` (if set, else the schedule's rate); then the main phase trains the student and :meth:`main_variables` on
   ``ce_weight * CE + `` the terms of :meth:`main_losses`;
+* **weight decay** of the method's own variables, ``module_decay`` (the student is always decayed
+  by ``gradient += wd * w`` on conv/FC weights and BN gamma/beta, the TF1 arg scope, and only where
+  the phase's losses reach it): ``"tf2"`` adds ``wd * v`` to the gradient of every variable the
+  phase trains (the TF2 repository's ``op_util.py`` line 38, ``FT.py`` line 83, ``AB.py`` lines
+  58-60); ``"mhgd"`` adds ``wd * sum(v**2)`` over the gamma/weights/biases/beta leaves of
+  :meth:`init_variables` to the initial-phase loss (``Optimizer_w_MHGD``, gradient ``2 wd v``) and
+  decays main-phase variables like the student's;
 * **gradient rule**: ``grad_rule = "weighted"`` differentiates the weighted sum;
   ``"clip"`` clips the gradient of each group of :meth:`clip_groups` per variable against the
   cross-entropy gradient's norm times the warm-up (the authors' ``Optimizer_w_MHGD``, IEP);
@@ -19,6 +26,13 @@ listed in ``iepkt_tf.distillers.METHODS``. The training loop and the one train-s
   ``options`` (with ``init_epoch``), a flag of another method is refused by the config;
 * **names**: :meth:`tf1_layers` ``{TF1 scope under "Distillation": layer}`` gives the TF1 names
   of checkpoints and ``.mat`` files.
+
+Every method trains the same student, IEPKT's WRN (``nets/wresnet.py``): each pre-activation block
+applies dropout with keep rate 0.7 between its two 3x3 convs (lines 73-74; the trained network on
+32x32 inputs, 1 otherwise and for the teacher, ``nets_factory.keep_rate_for``), and its 1x1 shortcut
+conv (where the width changes) reads the BN+ReLU of the block's input (line 71). The authors' TF2
+baselines (sseung0703/Knowledge_distillation_via_TF2.0 ``nets/WResNet.py``) ran on a WRN with no
+dropout (``call``, lines 48-73) whose shortcut conv reads the raw input (line 59, ``conv2(x)``).
 """
 from __future__ import annotations
 
@@ -99,6 +113,7 @@ class Distiller:
     init_learning_rate = None  # a constant rate for the initial phase (None: the schedule's)
     main_needs_teacher = True  # False: the main phase is cross-entropy alone (AB)
     grad_rule = "weighted"  # or "clip"
+    module_decay = "tf2"  # or "mhgd" (module docstring, "weight decay")
     ce_weight = 1.0
     flags: tuple = ()
     draws_panels = False
@@ -114,8 +129,7 @@ class Distiller:
 
     # ---- initial phase
     def init_variables(self):
-        """Distiller variables trained by the initial phase (an L2 term ``wd * sum(v**2)`` is
-        added to their loss, ``Optimizer_w_MHGD``)."""
+        """Distiller variables trained by the initial phase (decayed as ``module_decay`` says)."""
         return []
 
     def init_losses(self, student, teacher, seed):
@@ -127,8 +141,8 @@ class Distiller:
 
     # ---- main phase
     def main_variables(self):
-        """Distiller variables trained with the student in the main phase (connectors); weight
-        decay on their gradient as on the student's."""
+        """Distiller variables trained with the student in the main phase (connectors), decayed
+        as ``module_decay`` says."""
         return []
 
     def main_losses(self, student, teacher, labels, seed):

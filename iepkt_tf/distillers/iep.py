@@ -28,6 +28,7 @@ class IEP(Distiller):
     name = "IEP"
     default_init_epoch = 20
     grad_rule = "clip"
+    module_decay = "mhgd"  # Optimizer_w_MHGD: wd * sum(v**2) on the module
     draws_panels = True
     flags = (
         Flag("integer", "mpnn_iter", 2, "IEP: message-passing iterations of the module (paper "

@@ -129,6 +129,7 @@ class MHGD(Distiller):
     default_init_epoch = INIT_EPOCH
     init_trains_student = False
     grad_rule = "clip"
+    module_decay = "mhgd"  # Optimizer_w_MHGD: wd * sum(v**2) on the module
     flags = (
         Flag("integer", "mhgd_num_head", NUM_HEAD,
              "MHGD: attention heads per module (the authors' 8).", check=_head_count),
