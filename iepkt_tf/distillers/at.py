@@ -25,8 +25,12 @@ channel of both maps is L2-normalised over the spatial positions before the squa
     L_AT  = beta * sum_k 2^-(K-1-k) * mean_{b,h,w,c} ( n(r(S_k)) - n(T_k) )^2     (k = 0..K-1, K = 3)
 
 i.e. a per-channel spatial attention rather than the paper's channel-pooled one. It is the default
-because the project reproduces the IEP paper's Table 1, whose baselines come from that
-repository (its README reports the same teacher/student accuracies, 78.59 / 76.25).
+because it is the IEP authors' latest AT code (the README calls that repository the upgrade of
+their TF1 benchmark) and it is run there on the paper's setting (CIFAR-100, WRN-40-4 -> WRN-16-4).
+Which code produced the paper's Table 1 is not established: that README's results (lines 50-63)
+give the student 76.25 against the paper's 76.09, and none of its method rows equals the paper's
+rate-1 column (AT 78.14 vs 76.98, FT 77.30 vs 77.14, AB 76.52 vs 77.29, RKD 77.69 vs 77.02, CO
+78.54 vs 78.21; ``experiments.PAPER_TABLE``). The ``paper`` form is there for that reason.
 
 Sources of the defaults (all sseung0703/Knowledge_distillation_via_TF2.0 ``distiller/AT.py``
 unless stated):
