@@ -13,14 +13,18 @@ from iepkt_tf.distillers.rkd import (RKD, angle_potential, distance_potential, h
 # ----------------------------------------------------------------------------- NumPy references
 
 
-def np_distance_potential(x):
+def np_distance_potential(x, mu_form="authors"):
+    """``authors``: every squared distance floored at 1e-12 and all B^2 in mu; ``paper``: Eq. 4."""
     b = len(x)
     d = np.zeros((b, b))
     for i in range(b):
         for j in range(b):
-            d[i, j] = np.sqrt(np.sum((x[i] - x[j]) ** 2))
-    mu = sum(d[i, j] for i in range(b) for j in range(b) if i != j) / (b * (b - 1))
-    return d / mu
+            if mu_form == "authors":
+                d[i, j] = np.sqrt(max(np.sum((x[i] - x[j]) ** 2), 1e-12))
+            elif i != j:
+                d[i, j] = np.sqrt(np.sum((x[i] - x[j]) ** 2))
+    pairs = b * b if mu_form == "authors" else b * (b - 1)
+    return d / (d.sum() / pairs)
 
 
 def np_angle_potential(x):
@@ -44,9 +48,9 @@ def np_unit(x):
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def np_rkd(s, t):
+def np_rkd(s, t, mu_form="authors"):
     s, t = np_unit(s), np_unit(t)
-    return (np_huber(np_distance_potential(s), np_distance_potential(t)),
+    return (np_huber(np_distance_potential(s, mu_form), np_distance_potential(t, mu_form)),
             np_huber(np_angle_potential(s), np_angle_potential(t)))
 
 
@@ -61,16 +65,23 @@ def test_huber_hand_values():
 def test_potentials_and_losses_match_numpy():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(6, 4))
-    d = distance_potential(x.astype(np.float32)).numpy()
-    np.testing.assert_allclose(d, np_distance_potential(x), rtol=1e-5, atol=1e-6)
-    assert np.all(np.diag(d) == 0.0)                       # the diagonal is exactly 0 ...
+    d = distance_potential(x.astype(np.float32), "paper").numpy()
+    np.testing.assert_allclose(d, np_distance_potential(x, "paper"), rtol=1e-5, atol=1e-6)
+    assert np.all(np.diag(d) == 0.0)                       # paper: the diagonal is exactly 0 ...
     assert d[~np.eye(6, dtype=bool)].mean() == pytest.approx(1.0, rel=1e-5)  # ... and not in mu
+    d = distance_potential(x.astype(np.float32)).numpy()   # authors: all B^2 floored distances
+    np.testing.assert_allclose(d, np_distance_potential(x), rtol=1e-5, atol=1e-9)
+    assert d.mean() == pytest.approx(1.0, rel=1e-5) and np.all(np.diag(d) > 0)
     np.testing.assert_allclose(angle_potential(x.astype(np.float32)).numpy(), np_angle_potential(x),
                                rtol=1e-5, atol=1e-6)
     s = rng.normal(size=(7, 3))
     t = rng.normal(size=(7, 9))  # other width: the potentials are B x B and B x B x B
     ref_d, ref_a = np_rkd(s, t)
     assert float(rkd_distance_loss(s.astype(np.float32), t.astype(np.float32))) == pytest.approx(ref_d, rel=1e-5)
+    ref_paper = np_rkd(s, t, "paper")[0]
+    assert float(rkd_distance_loss(s.astype(np.float32), t.astype(np.float32), mu_form="paper")) == \
+        pytest.approx(ref_paper, rel=1e-5)
+    assert abs(ref_paper - ref_d) > 1e-3 * ref_d  # the two forms are distinguishable here
     assert float(rkd_angle_loss(s.astype(np.float32), t.astype(np.float32))) == pytest.approx(ref_a, rel=1e-5)
     assert ref_d > 1e-3 and ref_a > 1e-3
 
@@ -78,7 +89,7 @@ def test_potentials_and_losses_match_numpy():
 def test_hand_case_three_points():
     # Teacher t = (1,0), (0,1), (-1,0); student s = (1,0), (-1,0), (0,1) (samples 1, 2 swapped);
     # all unit-norm, so the L2 normalisation changes nothing.
-    # Teacher distances d01 = sqrt2, d02 = 2, d12 = sqrt2; mu = 2 (2 sqrt2 + 2) / 6 = 1.609476
+    # Eq. 4 (--rkd_mu=paper). Teacher distances d01 = sqrt2, d02 = 2, d12 = sqrt2; mu = 2 (2 sqrt2 + 2) / 6 = 1.609476
     # -> psi_D(t) = [[0, .878680, 1.242641], [.878680, 0, .878680], [1.242641, .878680, 0]];
     # the student has the same mu and d01, d02 swapped. 4 of the 9 entries differ by
     # (2 - sqrt2) / mu = 0.363961 < 1 -> Huber 0.5 * 0.132468 = 0.066234 each;
@@ -89,12 +100,12 @@ def test_hand_case_three_points():
     # Huber 0.5 * 0.5 = 0.25 each; L_A = 4 * 0.25 / 27 = 1/27 = 0.037037.
     t = np.array([[1, 0], [0, 1], [-1, 0]], np.float32)
     s = np.array([[1, 0], [-1, 0], [0, 1]], np.float32)
-    np.testing.assert_allclose(distance_potential(t).numpy(),
+    np.testing.assert_allclose(distance_potential(t, "paper").numpy(),
                                [[0, 0.878680, 1.242641], [0.878680, 0, 0.878680], [1.242641, 0.878680, 0]],
                                atol=1e-6)
     assert float(angle_potential(t)[0, 1, 2]) == pytest.approx(0.707107, abs=1e-6)
     assert float(angle_potential(t)[1, 0, 2]) == pytest.approx(0.0, abs=1e-6)
-    assert float(rkd_distance_loss(s, t)) == pytest.approx(0.029437, abs=1e-6)
+    assert float(rkd_distance_loss(s, t, mu_form="paper")) == pytest.approx(0.029437, abs=1e-6)
     assert float(rkd_angle_loss(s, t)) == pytest.approx(1 / 27, abs=1e-6)
 
 
@@ -168,7 +179,8 @@ def test_class_attributes_flags_and_options():
     assert RKD.name == "RKD" and RKD.grad_rule == "weighted" and RKD.default_init_epoch == 0
     assert RKD.needs_teacher and not RKD.needs_pre_relu
     flags = {f.name: f for f in RKD.flags}
-    assert set(flags) == {"rkd_distance_weight", "rkd_angle_weight", "rkd_embedding"}
+    assert set(flags) == {"rkd_distance_weight", "rkd_angle_weight", "rkd_embedding", "rkd_mu"}
+    assert flags["rkd_mu"].default == "authors" and set(flags["rkd_mu"].enum) == {"authors", "paper"}
     assert flags["rkd_distance_weight"].default == 100.0 and flags["rkd_angle_weight"].default == 200.0
     assert flags["rkd_embedding"].default == "logits" and set(flags["rkd_embedding"].enum) == {"logits", "pooled"}
     assert flags["rkd_angle_weight"].check(-1.0) and flags["rkd_angle_weight"].check(0.0) is None
