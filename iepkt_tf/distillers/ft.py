@@ -1,57 +1,77 @@
 """``--Distillation FT``: factor transfer (Kim, Park & Kwak, "Paraphrasing Complex Network: Network
 Compression via Factor Transfer", NeurIPS 2018).
 
-Two networks of the method's own:
+Two networks of the method's own, on the teacher's and the student's last map (``feats[3]``):
 
-* the **paraphraser** on the teacher's map ``T``: an encoder ``P`` (the *factor* ``F_T = P(T)``)
-  and a decoder ``Q``; the initial phase trains them (teacher frozen, student untouched) on the
-  reconstruction loss, the paper's eq. (1) with ``p = 1`` plus the small L1 on the code that the
-  authors' code adds::
+* the **paraphraser**, encoder ``P`` (the teacher factor ``F_T = P(T)``) and decoder ``Q``, trained
+  alone in the initial phase (teacher frozen, student untouched) on the reconstruction loss, the
+  paper's eq. (1) with ``p = 1`` plus the authors' small L1 on the code (FT.py lines 77-81)::
 
-      L_rec = sum|T - relu(Q(lrelu(F_T)))| / (B H W)  +  1e-6 * sum|lrelu(F_T)| / (B H W)
+      code = lrelu(F_T),  L_rec = sum|T - relu(Q(code))| / (B H W) + 1e-6 * sum|code| / (B H W)
 
-* the **translator** ``R`` on the student's map ``S`` (the student factor ``F_S = R(S)``), trained
-  with the student in the main phase on the paper's eq. (2)-(3), ``p = 1``::
+* the **translator** ``R`` (the student factor ``F_S = R(S)``), trained with the student in the
+  main phase on eq. (2)-(3), ``p = 1`` (lines 61-64)::
 
       L = CE + beta * mean_{b,h,w,c} | F_T/||F_T||_2 - F_S/||F_S||_2 |
 
-  each factor L2-normalised per sample over (H, W, C); ``F_T`` comes from the frozen encoder in
-  inference mode and carries no gradient.
+  each factor L2-normalised per sample over (H, W, C); ``F_T`` from the frozen encoder in
+  inference mode (line 61), without gradient.
 
-Architecture (rate ``r = 0.5``, ``D`` = the teacher's channels at the sensing point), from the
-authors' TF2 code (sseung0703/Knowledge_distillation_via_TF2.0 ``distiller/FT.py`` lines 25-45):
-encoder and translator ``conv3x3(rD)-BN-lrelu, conv3x3(r^2 D, stride 1/r)-BN-lrelu,
-conv3x3(r^3 D)-BN``; decoder ``convT3x3(r^2 D)-BN-lrelu, convT3x3(r D, stride 1/r)-BN-lrelu,
-convT3x3(D, bias)``, then the teacher's own ReLU (line 79). Convolutions have no bias (line 21).
+Layers (rate ``r = 0.5``, ``D`` the teacher's channels; FT.py lines 25-45): encoder and translator
+``conv3x3(rD), BN, conv3x3(r^2 D, stride 1/r), BN, conv3x3(r^3 D), BN``; decoder ``convT3x3(r^2 D),
+BN, convT3x3(rD, stride 1/r), BN, convT3x3(D)``; no conv bias. Line references: FT.py and
+nets/tcl.py of sseung0703/Knowledge_distillation_via_TF2.0.
 
-Defaults and their sources (all Knowledge_distillation_via_TF2.0 ``distiller/FT.py``):
+``--ft_form=authors`` (default): the network FT.py *runs*, the code behind the authors' FT
+result (kdparity reproduces its losses and gradients to float32 rounding). tcl's ``arg_scope``
+(tcl.py lines 4-10) overwrites every argument named in a class's ``pre_defined`` with that
+value, even when passed explicitly; FT.py sets ``pre_defined`` to
+``use_biases=False, trainable=True`` for Conv2d/Conv2d_transpose and ``activation_fn=leaky_relu``
+for BatchNorm (lines 21-23), and the remaining arguments follow the call or tcl's defaults
+(Conv2d/Conv2d_transpose ``activation_fn=tf.nn.relu``, tcl.py lines 18, 78). As run:
+
+* encoder: ReLU after conv0-2 (default), leaky ReLU (slope 0.2) after bn0-bn2, bn2's explicit
+  ``activation_fn=None`` (line 33) overwritten;
+* decoder: ReLU after convt0-2, leaky ReLU after bnt0/bnt1; convt2's ``use_biases=True``
+  (line 38) overwritten: no bias; the code is thus ``lrelu(lrelu(bn2))`` (line 77);
+* translator: ReLU after conv0/conv1; conv2 keeps its explicit ``activation_fn=None`` (line 44;
+  ``pre_defined`` has no such key); leaky ReLU after bn0-bn2 (bn2's ``None``, line 45, overwritten);
+* BN state: ``auxiliary_training`` calls the paraphraser without ``training`` (lines 77-78), so
+  tcl's BatchNorm takes its inference branch (tcl.py lines 307-313: the moving statistics, never
+  updated), and ``forward`` calls the encoder with ``training=False`` (line 61): the paraphraser
+  normalises with its initial moving statistics (0, 1; tcl.py lines 255-258) in both phases and
+  never changes them.
+  The translator uses batch statistics (line 62) and updates its moving averages with decay 0.9
+  and the biased batch variance (tcl.py lines 246, 299-310).
+
+``--ft_form=paper``: the network FT.py's text writes, without tcl's overwriting: no conv
+activation, no activation after bn2, convt2 with a bias; the paraphraser's BNs on batch
+statistics (updating the moving averages, the project's unbiased-variance convention) in the
+initial phase and on those moving statistics in the main phase. It is the project's FT before
+this flag; use it to study FT as FT.py reads and the paper describes it (a trained conv-BN
+paraphraser, the factor the linear bn2 output) or to compare with re-implementations that follow
+FT.py's text. Variable names are the same in both forms, except that convt2 has a ``biases``
+leaf only in the paper form.
+
+Other defaults and sources (FT.py):
 
 * sensing point: the teacher's and the student's ``bn_last`` output (lines 54-57, ``keep_feat =
-  'output'``: the final BN+ReLU), i.e. our ``feats[3]`` of both networks; KD_methods_with_TF
-  ``nets/ResNet.py`` line 104 also uses the last map;
-* ``beta = 100`` (line 52, ``self.beta = 1e2``), flag ``ft_beta``; ``r = 0.5`` (line 25);
-* code L1 weight ``1e-6`` and the ``/(B H W)`` normalisation of the reconstruction (line 81);
-  leaky-ReLU slope 0.2 (``tf.nn.leaky_relu``'s default, lines 23 and 77);
+  'output'``: the final BN+ReLU), our ``feats[3]``; the decoder ends with the teacher's ReLU
+  (line 79);
+* ``beta = 100`` (line 52), flag ``ft_beta``; ``r = 0.5`` (line 25); code L1 weight ``1e-6`` and
+  the ``/(B H W)`` normalisation (line 81); leaky-ReLU slope 0.2 (``tf.nn.leaky_relu``'s default);
 * initial phase ``int(0.3 * train_epoch) = 30`` epochs of the authors' 100 (line 87; the TF1
   ``KD_methods_with_TF`` ``train_w_distill.py`` line 34 uses 40).
 
 Widths: the translator reads any student width and ends at the teacher's ``r^3 D`` channels, so
 student and teacher need only share the map's spatial size (checked in ``__init__``).
 
-Deviations from the authors' TF2 code:
+Deviations from the authors' code (both forms):
 
-* The TF2 ``tcl`` arg scope (``nets/tcl.py`` ``arg_scope``) overwrites explicitly passed
-  arguments with the class-wide ``pre_defined`` ones, and FT's ``pre_defined`` omits
-  ``activation_fn``: as run, every conv there gets tcl's default ReLU, ``bn2`` a leaky ReLU and
-  ``convt2`` no bias, against what FT.py writes. We build what FT.py writes (and what the
-  initial-phase code implies: the factor is the pre-activation BN output, line 61 vs line 77).
-* The paraphraser's BNs: the TF2 auxiliary step calls the encoder/decoder without ``training``,
-  so they normalise with their never-updated initial moving statistics (0, 1). We use batch
-  statistics (with the moving-average update) in the initial phase and the moving statistics
-  in the main phase (encoder in inference, as line 61 asks).
-* The authors train the paraphraser with its own Nesterov SGD at a constant ``1e-3`` (line 67)
-  and gradient-form weight decay; here at the same ``init_learning_rate`` through the project's
-  initial phase (one shared optimiser, ``wd * sum(v**2)`` on :meth:`init_variables`).
+* The authors train the paraphraser with its own Nesterov SGD at a constant ``1e-3`` (line 67,
+  weight decay ``g + wd * v`` on its trainables, line 83); here at the same
+  ``init_learning_rate`` through the project's initial phase (one shared optimiser, weight decay
+  on :meth:`init_variables` as ``module_decay`` says, :mod:`iepkt_tf.distillers.base`).
 * The stride-``1/r`` transposed convolution outputs the teacher map's exact size, so odd sizes
   work (the TF2 code assumes the size doubles).
 """
@@ -68,6 +88,7 @@ DEFAULT_BETA = 100.0
 CODE_L1_WEIGHT = 1e-6
 LEAKY_SLOPE = 0.2
 POINT = 3  # feats[3]: the final BN+ReLU (the authors' bn_last output)
+FORMS = ("authors", "paper")
 
 
 def _compute_dtype(x):
@@ -97,6 +118,10 @@ def reconstruction_loss(feat, recon, code):
     n = tf.cast(shape[0] * shape[1] * shape[2], feat.dtype)
     return (tf.reduce_sum(tf.abs(feat - recon)) / n,
             CODE_L1_WEIGHT * tf.reduce_sum(tf.abs(code)) / n)
+
+
+def _lrelu(x):
+    return tf.nn.leaky_relu(x, LEAKY_SLOPE)
 
 
 class Conv2DTranspose(keras.layers.Layer):
@@ -146,22 +171,33 @@ def factor_channels(teacher_channels):
     return chans
 
 
-class _ConvStack:
-    """``conv3x3-BN-lrelu, conv3x3(stride 1/r)-BN-lrelu, conv3x3-BN`` (encoder and translator)."""
+def _bn(name, form):
+    # the authors' tcl EMA feeds the biased batch variance (tcl.py line 308); the paper form
+    # keeps the project's default (TF1 convention, unbiased)
+    return BatchNorm(name=name, dtype="float32", moving_variance="biased" if form == "authors" else None)
 
-    def __init__(self, channels, scope):
+
+class _ConvStack:
+    """``conv3x3, BN, conv3x3(stride 1/r), BN, conv3x3, BN`` (encoder and translator);
+    ``conv_relu[i]``/``bn_lrelu[i]``: a ReLU after conv ``i`` / a leaky ReLU after BN ``i``."""
+
+    def __init__(self, channels, scope, conv_relu, bn_lrelu, form):
         stride = int(round(1 / RATE))
         self.scope = scope
+        self.conv_relu, self.bn_lrelu = tuple(conv_relu), tuple(bn_lrelu)
         self.convs = [Conv2D(c, 3, s, name=f"{scope}_conv{i}", dtype="float32")
                       for i, (c, s) in enumerate(zip(channels, (1, stride, 1)))]
-        self.bns = [BatchNorm(name=f"{scope}_bn{i}", dtype="float32") for i in range(3)]
+        self.bns = [_bn(f"{scope}_bn{i}", form) for i in range(3)]
 
     def __call__(self, x, training):
         x = tf.cast(x, tf.float32)
-        for i, (conv, bn) in enumerate(zip(self.convs, self.bns)):
-            x = bn(conv(x), training=training)
-            if i < 2:
-                x = tf.nn.leaky_relu(x, LEAKY_SLOPE)
+        for conv, bn, relu, lrelu in zip(self.convs, self.bns, self.conv_relu, self.bn_lrelu):
+            x = conv(x)
+            if relu:
+                x = tf.nn.relu(x)
+            x = bn(x, training=training)
+            if lrelu:
+                x = _lrelu(x)
         return x
 
     def tf1_layers(self):
@@ -173,24 +209,30 @@ class _ConvStack:
 
 
 class _Decoder:
-    """``convT3x3(r^2 D)-BN-lrelu, convT3x3(r D, stride 1/r)-BN-lrelu, convT3x3(D, bias)``."""
+    """``convT3x3(r^2 D), BN, lrelu, convT3x3(r D, stride 1/r), BN, lrelu, convT3x3(D)``;
+    ``convt_relu``: a ReLU after every transposed conv; ``bias``: convt2's bias."""
 
-    def __init__(self, teacher_channels, output_hw, scope):
+    def __init__(self, teacher_channels, output_hw, scope, convt_relu, bias, form):
         d = int(teacher_channels)
         c1, c0 = factor_channels(d)[:2]
         stride = int(round(1 / RATE))
         self.scope = scope
+        self.convt_relu = bool(convt_relu)
         self.convts = [Conv2DTranspose(c0, 3, 1, name=f"{scope}_convt0", dtype="float32"),
                        Conv2DTranspose(c1, 3, stride, output_hw=output_hw, name=f"{scope}_convt1",
                                        dtype="float32"),
-                       Conv2DTranspose(d, 3, 1, use_bias=True, name=f"{scope}_convt2", dtype="float32")]
-        self.bns = [BatchNorm(name=f"{scope}_bnt{i}", dtype="float32") for i in range(2)]
+                       Conv2DTranspose(d, 3, 1, use_bias=bias, name=f"{scope}_convt2", dtype="float32")]
+        self.bns = [_bn(f"{scope}_bnt{i}", form) for i in range(2)]
+
+    def _convt(self, i, x):
+        x = self.convts[i](x)
+        return tf.nn.relu(x) if self.convt_relu else x
 
     def __call__(self, x, training):
         x = tf.cast(x, tf.float32)
-        for convt, bn in zip(self.convts[:2], self.bns):
-            x = tf.nn.leaky_relu(bn(convt(x), training=training), LEAKY_SLOPE)
-        return self.convts[2](x)
+        for i, bn in enumerate(self.bns):
+            x = _lrelu(bn(self._convt(i, x), training=training))
+        return self._convt(2, x)
 
     def tf1_layers(self):
         out = {}
@@ -215,11 +257,20 @@ class FT(Distiller):
         Flag("float", "ft_beta", DEFAULT_BETA,
              "FT: weight beta of the factor-transfer loss mean|F_T/||F_T|| - F_S/||F_S|||.",
              check=positive),
+        Flag("enum", "ft_form", "authors",
+             "FT: authors = the network the authors' TF2 FT.py runs under tcl's arg scope (ReLU "
+             "after every conv but the translator's conv2, leaky ReLU after every BN, convt2 "
+             "without bias, the paraphraser's BNs on their initial moving statistics in both "
+             "phases); paper = the network FT.py writes (no conv activation, bn2 linear, convt2 "
+             "with bias, the paraphraser's BNs trained on batch statistics).", enum=FORMS),
     )
 
     def __init__(self, student, teacher, options):
         super().__init__(student, teacher, options)
         self.beta = float(self.options["ft_beta"])
+        self.form = self.options.get("ft_form", "authors")
+        if self.form not in FORMS:
+            raise ValueError(f"ft_form must be one of {FORMS}, got {self.form!r}")
         image_size = self.options["image_size"]
         t_shape = tuple(teacher.feature_shapes(image_size)[POINT])
         s_shape = tuple(student.feature_shapes(image_size)[POINT])
@@ -228,9 +279,13 @@ class FT(Distiller):
                              f"{t_shape[0]}x{t_shape[1]}; the factors need the same spatial size")
         d = t_shape[2]
         chans = factor_channels(d)
-        self.encoder = _ConvStack(chans, "Paraphraser")
-        self.decoder = _Decoder(d, t_shape[:2], "Paraphraser")
-        self.translator = _ConvStack(chans, "Translator")
+        authors = self.form == "authors"
+        self.encoder = _ConvStack(chans, "Paraphraser", conv_relu=(authors,) * 3,
+                                  bn_lrelu=(True, True, authors), form=self.form)
+        self.decoder = _Decoder(d, t_shape[:2], "Paraphraser", convt_relu=authors, bias=not authors,
+                                form=self.form)
+        self.translator = _ConvStack(chans, "Translator", conv_relu=(authors, authors, False),
+                                     bn_lrelu=(True, True, authors), form=self.form)
         # create every variable now (inference calls change no state)
         code = self.encoder(tf.zeros((1,) + t_shape), training=False)
         self.decoder(code, training=False)
@@ -240,18 +295,25 @@ class FT(Distiller):
 
     # ---- initial phase: the paraphraser
     def init_variables(self):
+        """The paraphraser's kernels, BN gamma/beta (and convt2's bias in the paper form)."""
         return _trainable(self._paraphraser_layers)
+
+    @property
+    def init_bn_training(self):
+        """Whether the initial phase runs the paraphraser's BNs on batch statistics (and updates
+        their moving averages): the paper form only."""
+        return self.form == "paper"
 
     def paraphrase(self, teacher_feat, training):
         """``(factor, code, reconstruction)`` of the teacher map (``code = lrelu(factor)``)."""
         factor = self.encoder(teacher_feat, training=training)
-        code = tf.nn.leaky_relu(factor, LEAKY_SLOPE)
+        code = _lrelu(factor)
         recon = tf.nn.relu(self.decoder(code, training=training))
         return factor, code, recon
 
     def init_losses(self, student, teacher, seed):
         feat = tf.stop_gradient(tf.cast(teacher.feats[POINT], tf.float32))
-        _, code, recon = self.paraphrase(feat, training=True)
+        _, code, recon = self.paraphrase(feat, training=self.init_bn_training)
         rec, code_l1 = reconstruction_loss(feat, recon, code)
         return {"total": rec + code_l1, "reconstruction": rec, "code_l1": code_l1}
 
