@@ -15,11 +15,14 @@ inside the model, and the output is ``{"logits", "probabilities"}`` (softmax), c
 * ``tflite`` (``.tflite`` file): the uint8 signature, float32 weights, or dynamic-range int8
   weights with ``--quantize dynamic``.
 
-``--format`` defaults to the ``--out`` extension (``.keras``, ``.tflite``, else savedmodel),
+``--format`` defaults to the ``--out`` extension (``.keras``, ``.tflite``, none for savedmodel;
+another extension is refused unless ``--format savedmodel`` is given),
 ``--scope`` to the single network scope of the file, ``--num_classes`` to the size of
 ``<scope>/full/biases`` and ``--arch`` to the architecture read from the parameter names and shapes.
 Every output is written to a temporary name beside ``--out`` and renamed, so ``--out`` is either
-absent or complete; an existing ``--out`` is only replaced with ``--overwrite``. Errors are one line
+absent or complete; an existing ``--out`` is only replaced with ``--overwrite``, and only if it is
+an export of that format (a run folder, or any directory that is not a SavedModel, is refused: the
+parameters being exported may live there). Errors are one line
 on stderr (``export: error: ...``) and exit status 2.
 """
 from __future__ import annotations
@@ -209,15 +212,40 @@ def save_tflite(model, path, quantize="none"):
         os.fsync(f.fileno())
 
 
+EXTENSIONS = {".keras": "keras", ".tflite": "tflite"}
+# What a run folder of train_w_distill.py holds: an --out holding any of these is not an export.
+RUN_ENTRIES = ("train_params.mat", "log.mat", "run_config.json", "ckpt")
+
+
 def format_for(out, fmt=None):
-    """``fmt``, or the one ``out``'s extension names; checks that they agree."""
-    ext = os.path.splitext(out)[1].lower()
-    fmt = fmt or {".keras": "keras", ".tflite": "tflite"}.get(ext, "savedmodel")
+    """``fmt``, or the one ``out``'s extension names (none: a SavedModel directory); checks that
+    they agree, and refuses an extension this tool does not write (``x.onnx`` is no SavedModel)."""
+    ext = os.path.splitext(os.path.normpath(out))[1].lower()
+    if fmt is None and ext and ext not in EXTENSIONS:
+        raise ValueError(f"--out {out}: export writes a .keras file, a .tflite file or a SavedModel "
+                         f"directory (a name without extension), not {ext}; pass --format savedmodel "
+                         f"to write a SavedModel under this name")
+    fmt = fmt or EXTENSIONS.get(ext, "savedmodel")
     if fmt not in FORMATS:
         raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    if fmt == "keras" and ext != ".keras":
-        raise ValueError(f"--format keras needs an --out ending in .keras, got {out}")
+    for extension, name in EXTENSIONS.items():
+        if fmt == name and ext != extension:
+            raise ValueError(f"--format {name} needs an --out ending in {extension}, got {out}")
     return fmt
+
+
+def check_replaceable(out, fmt):
+    """With ``--overwrite``, ``out`` must be an export of ``fmt`` (a SavedModel directory, a
+    ``.keras`` or ``.tflite`` file), never a run folder or another directory the user keeps."""
+    if os.path.isdir(out) and not os.path.islink(out):
+        held = sorted(set(os.listdir(out)) & set(RUN_ENTRIES))
+        if fmt != "savedmodel" or held or "saved_model.pb" not in os.listdir(out):
+            what = f"it holds {', '.join(held)}" if held else "it is a directory but no SavedModel"
+            raise ValueError(f"--out {out} is not an export ({what}); --overwrite replaces only an "
+                             f"export, choose another --out")
+    elif fmt == "savedmodel":
+        raise ValueError(f"--out {out} is a file, not a SavedModel directory; --overwrite "
+                         f"replaces only an export of the same format, choose another --out")
 
 
 def _writable_dir(path):
@@ -235,8 +263,10 @@ def check_request(out, fmt=None, quantize="none", overwrite=False):
         raise ValueError(f"--quantize must be one of {', '.join(QUANTIZE)}, got {quantize!r}")
     if quantize != "none" and fmt != "tflite":
         raise ValueError(f"--quantize {quantize} applies to --format tflite only (got --format {fmt})")
-    if os.path.lexists(out) and not overwrite:
-        raise ValueError(f"--out {out} already exists; pass --overwrite to replace it")
+    if os.path.lexists(out):
+        if not overwrite:
+            raise ValueError(f"--out {out} already exists; pass --overwrite to replace it")
+        check_replaceable(out, fmt)
     try:
         _writable_dir(os.path.dirname(os.path.abspath(out)))
     except OSError as e:

@@ -158,13 +158,62 @@ def test_tflite_dynamic_range_close(work):
 
 def test_overwrite_replaces_atomically(work, tmp_path):
     out = str(tmp_path / "sm")
-    os.makedirs(out)
+    args = ["--params", work["params"], "--image_size", str(SIZE), "--out", out]
+    assert export.main(args) == 0
     with open(os.path.join(out, "stale.txt"), "w") as f:
         f.write("old")
-    assert export.main(["--params", work["params"], "--image_size", str(SIZE), "--out", out,
-                        "--overwrite"]) == 0
+    assert export.main(args + ["--overwrite"]) == 0
     assert "stale.txt" not in os.listdir(out) and "saved_model.pb" in os.listdir(out)
     assert os.listdir(tmp_path) == ["sm"]  # no temporary left beside it
+
+
+def _tree(path):
+    out = {}
+    for root, _, files in os.walk(path):
+        for name in files:
+            full = os.path.join(root, name)
+            with open(full, "rb") as f:
+                out[os.path.relpath(full, path)] = f.read()
+    return out
+
+
+@pytest.mark.parametrize("kind", ["run_folder", "plain_dir", "file_for_savedmodel"])
+def test_overwrite_never_replaces_what_is_not_an_export(work, tmp_path, kind):
+    """``export --out <a run folder> --overwrite`` used to delete the run (ckpt/, log.mat and the
+    very train_params.mat being exported)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    params = str(run / "train_params.mat")
+    with open(work["params"], "rb") as src, open(params, "wb") as dst:
+        dst.write(src.read())
+    if kind == "run_folder":
+        (run / "ckpt").mkdir()
+        (run / "ckpt" / "ckpt-1.index").write_bytes(b"ckpt")
+        (run / "log.mat").write_bytes(b"log")
+        out = str(run)
+    elif kind == "plain_dir":
+        (tmp_path / "mine").mkdir()
+        (tmp_path / "mine" / "notes.txt").write_text("keep")
+        out = str(tmp_path / "mine")
+    else:
+        (tmp_path / "model").write_text("keep")
+        out = str(tmp_path / "model")
+    before = _tree(tmp_path)
+    res = cli("export", ["--params", params, "--image_size", str(SIZE), "--out", out, "--overwrite"])
+    line = assert_one_error(res, "export")
+    assert "not an export" in line or "not a SavedModel" in line, line
+    assert _tree(tmp_path) == before
+
+
+def test_an_extension_export_does_not_write_is_refused(work, tmp_path, capsys):
+    out = str(tmp_path / "m.onnx")
+    assert export.main(["--params", work["params"], "--image_size", str(SIZE), "--out", out]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not .onnx" in err[0], err
+    assert not os.path.exists(out)
+    assert export.main(["--params", work["params"], "--image_size", str(SIZE), "--out", out,
+                        "--format", "savedmodel"]) == 0  # asked for explicitly: a SavedModel
+    assert "saved_model.pb" in os.listdir(out)
 
 
 def test_one_line_of_a_listing():
@@ -293,6 +342,7 @@ def test_evaluate_damage_is_one_line(work, tmp_path, case):
     (["--out", "{file}/m.tflite"], "not a writable directory"),  # out dir under a regular file
     (["--out", "{dir}/sm", "--quantize", "dynamic"], "--format tflite only"),
     (["--out", "{dir}/m.tflite", "--format", "keras"], "ending in .keras"),
+    (["--out", "{dir}/m.keras", "--format", "tflite"], "ending in .tflite"),
     (["--out", "{dir}/sm", "--image_size", "0"], "image_size"),
     (["--out", "{dir}/sm", "--format", "onnx"], "format"),
     (["--out", "{dir}/sm", "--bogus", "1"], "bogus"),
