@@ -14,7 +14,9 @@ image when fewer than k classes score strictly higher than its label (k = min(5,
 4 classes top-5 is 100 %); the loss is the mean softmax cross-entropy. ``--arch``, ``--scope`` and the
 number of classes default to what the file says; the dataset must have that many classes. Generated
 datasets take ``--synthetic_classes`` (default: the network's), ``--synthetic_test_per_class`` and
-``--seed`` (the training run's ``--seed`` gives its test set). ``--image_size`` is passed to the
+``--seed`` (the training run's ``--seed`` gives its test set). ``--precision`` defaults to the
+one the run trained with (its ``run_config.json`` beside ``--params``), so a run trained in
+bfloat16 is evaluated in bfloat16 and gives the accuracy its last epoch line printed. ``--image_size`` is passed to the
 generated datasets and CUB200, and other datasets' test images are resized to it. Errors are one
 line on stderr (``evaluate: error: ...``) and exit status 2.
 """
@@ -40,10 +42,11 @@ from iepkt_tf.atomic import atomic_open, check_writable  # noqa: E402
 from iepkt_tf.cli import tool_main  # noqa: E402
 from iepkt_tf.export import (ERRORS, build_classifier, classes_in,  # noqa: E402
                              read_params)
-from iepkt_tf.mat_io import MatFileError, ParamsMismatchError  # noqa: E402
+from iepkt_tf.mat_io import MatFileError, ParamsMismatchError, one_line  # noqa: E402
 
 TOP_K = 5
 RESIZABLE = ("synthetic", "synthetic_parts", "CUB200")  # loaders that take image_size
+PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 
 
 def topk_counts(logits, labels, k):
@@ -54,17 +57,19 @@ def topk_counts(logits, labels, k):
     return int(np.sum(rank < 1)), int(np.sum(rank < k))
 
 
-def evaluate_params(arrays, arch, scope, dataset, batch_size=200, what="--params"):
+def evaluate_params(arrays, arch, scope, dataset, batch_size=200, what="--params", precision="float32"):
     """Top-1/top-5 accuracy (%) and mean cross-entropy of ``arrays`` (``{TF1 name: array}``) under
-    ``scope`` on the test split of ``dataset`` (a :class:`dataloader.datasets.Dataset`)."""
+    ``scope`` on the test split of ``dataset`` (a :class:`dataloader.datasets.Dataset`), the network
+    computing in ``precision`` (a Keras dtype policy)."""
     num_classes = classes_in(arrays, scope, what)
     if num_classes != dataset.num_classes:
         raise ValueError(f"{what}: the network has {num_classes} classes, dataset {dataset.name} "
                          f"has {dataset.num_classes}")
     shape = dataset.test_images.shape[1:]
-    model = build_classifier(arrays, scope, arch, num_classes, shape[:2], what)
+    model = build_classifier(arrays, scope, arch, num_classes, shape[:2], what, precision)
     spec = tf.TensorSpec([None, *shape], tf.float32)
-    logits_of = tf.function(lambda x: model.net(x, training=False)[0], input_signature=[spec])
+    logits_of = tf.function(lambda x: tf.cast(model.net(x, training=False)[0], tf.float32),
+                            input_signature=[spec])
     k = min(TOP_K, num_classes)
     top1 = topk = n = 0
     loss = 0.0
@@ -77,13 +82,35 @@ def evaluate_params(arrays, arch, scope, dataset, batch_size=200, what="--params
     if n == 0:
         raise ValueError(f"dataset {dataset.name} has no test images")
     return {"arch": model.arch, "scope": scope, "dataset": dataset.name, "split": "test",
+            "precision": precision,
             "top1": 100.0 * top1 / n, "top5": 100.0 * topk / n, "top_k": k, "loss": loss / n,
             "num_images": n}
 
 
 def format_result(r):
+    precision = "" if r.get("precision", "float32") == "float32" else f", {r['precision']}"
     return (f"{r['arch']} ({r['scope']}) on {r['dataset']} test: top-1 {r['top1']:.2f} %  "
-            f"top-5 {r['top5']:.2f} %  loss {r['loss']:.4f}  ({r['num_images']} images)")
+            f"top-5 {r['top5']:.2f} %  loss {r['loss']:.4f}  ({r['num_images']} images{precision})")
+
+
+def run_precision(params, flag):
+    """The dtype policy to evaluate in: ``flag``, or with ``run`` the precision the run trained
+    with (``run_config.json`` beside ``params``; float32 for a file from elsewhere)."""
+    if flag != "run":
+        return flag
+    path = os.path.join(os.path.dirname(os.path.abspath(params)), "run_config.json")
+    if not os.path.isfile(path):
+        return "float32"
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable run config ({one_line(e)}); pass --precision") from None
+    precision = saved.get("precision", "float32") if isinstance(saved, dict) else None
+    if precision not in PRECISIONS:
+        raise ValueError(f"{path}: 'precision' is {precision!r}, expected one of {', '.join(PRECISIONS)}; "
+                         f"pass --precision")
+    return precision
 
 
 def resize(images, size):
@@ -130,6 +157,10 @@ def define_flags(fv):
                          lower_bound=1, flag_values=fv)
     flags.DEFINE_integer("seed", 0, "Seed of the synthetic dataset (the training run's --seed).",
                          lower_bound=0, flag_values=fv)
+    flags.DEFINE_enum("precision", "run", ["run"] + list(PRECISIONS),
+                      "Dtype policy of the network: run = the one the run trained with (its "
+                      "run_config.json beside --params; float32 for a file from elsewhere), so the "
+                      "accuracy is the one the run's last epoch line printed.", flag_values=fv)
     flags.DEFINE_string("json", None, "Also write the result to this JSON file (atomically).", flag_values=fv)
     flags.mark_flags_as_required(["params", "dataset"], flag_values=fv)
 
@@ -141,7 +172,8 @@ def run(fv, log=print):
     what = f"--params {fv.params}"
     arrays, scope = read_params(fv.params, fv.scope)
     data = load_test_set(fv, classes_in(arrays, scope, what))
-    result = evaluate_params(arrays, fv.arch, scope, data, fv.batch_size, what)
+    precision = run_precision(fv.params, fv.precision)
+    result = evaluate_params(arrays, fv.arch, scope, data, fv.batch_size, what, precision)
     result["params"] = fv.params
     log(format_result(result))
     if fv.json:

@@ -61,13 +61,13 @@ class Classifier(keras.Model):
     float32. Always float32, whatever the global dtype policy. ``net`` is the wrapped network.
     """
 
-    def __init__(self, arch, num_classes, scope="Student", image_size=32, **kwargs):
+    def __init__(self, arch, num_classes, scope="Student", image_size=32, precision="float32", **kwargs):
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
         self.arch, self.num_classes, self.scope = str(arch), int(num_classes), str(scope)
         self.image_size = image_hw(image_size)
         policy = keras.config.dtype_policy()
-        keras.config.set_dtype_policy("float32")
+        keras.config.set_dtype_policy(precision)  # the network's; the outputs stay float32
         try:
             self.net = get_network(self.arch, self.num_classes, self.scope, self.image_size, is_main=False)
         finally:
@@ -76,6 +76,7 @@ class Classifier(keras.Model):
 
     def call(self, images):
         logits, _ = self.net(normalize(images), training=False)
+        logits = tf.cast(logits, tf.float32)
         return {"logits": logits, "probabilities": tf.nn.softmax(logits)}
 
     def get_config(self):
@@ -102,16 +103,18 @@ def read_params(path, scope=None, what="--params"):
     return arrays, scope
 
 
-def build_classifier(arrays, scope, arch=None, num_classes=None, image_size=32, what="--params"):
+def build_classifier(arrays, scope, arch=None, num_classes=None, image_size=32, what="--params",
+                     precision="float32"):
     """A :class:`Classifier` with ``arrays`` loaded strictly under ``scope``; ``arch`` and
-    ``num_classes`` default to what the file says."""
+    ``num_classes`` default to what the file says; ``precision`` is the network's dtype policy
+    (an export is float32)."""
     if not arch:
         try:
             arch = arch_from_params(arrays, scope)
         except ValueError as e:
             raise ValueError(f"{what}: cannot infer the architecture ({e}); pass --arch") from None
     num_classes = num_classes or classes_in(arrays, scope, what)
-    model = Classifier(arch, num_classes, scope, image_size)
+    model = Classifier(arch, num_classes, scope, image_size, precision)
     assign_params(model.net.tf1_variables(), arrays, scope=scope, strict=True, what=f"{what} as {arch}")
     return model
 

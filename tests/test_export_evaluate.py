@@ -366,3 +366,30 @@ def test_several_scopes_need_scope(work, tmp_path, capsys):
     assert evaluate.main(["--params", path, "--dataset", "synthetic"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "pass --scope" in err[0], err
+
+
+def test_evaluate_uses_the_precision_the_run_trained_with(tmp_path, capsys):
+    """A run trained in bfloat16 is evaluated in bfloat16 by default and gives the accuracy of its
+    last validation (which float32 need not reproduce); a file without run_config.json: float32."""
+    from iepkt_tf import config, trainer
+
+    run_dir = tmp_path / "run"
+    common = dict(dataset="synthetic", synthetic_classes=CLASSES, synthetic_train_per_class=16,
+                  synthetic_test_per_class=25, synthetic_image_size=SIZE, seed=3)
+    trainer.run(config.make_config(Distillation="None", main_scope="Teacher", teacher_arch=ARCH,
+                                   batch_size=8, val_batch_size=200, train_epoch=2, vis_every=0,
+                                   precision="mixed_bfloat16", train_dir=str(run_dir), **common))
+    final = float(load_mat(str(run_dir / "log.mat"))["validation_acc"].ravel()[-1])
+    args = ["--params", str(run_dir / "train_params.mat"), "--dataset", "synthetic",
+            "--image_size", str(SIZE), "--synthetic_test_per_class", "25", "--seed", "3"]
+    assert evaluate.main(args + ["--json", str(tmp_path / "bf16.json")]) == 0
+    bf16 = json.load(open(tmp_path / "bf16.json"))
+    assert bf16["precision"] == "mixed_bfloat16" and "mixed_bfloat16" in capsys.readouterr().out
+    assert bf16["top1"] == pytest.approx(final, abs=1e-6)
+    assert evaluate.main(args + ["--precision", "float32", "--json", str(tmp_path / "f32.json")]) == 0
+    assert json.load(open(tmp_path / "f32.json"))["precision"] == "float32"
+    (run_dir / "run_config.json").write_text("[1, 2")
+    assert evaluate.main(args) == 2
+    assert "run_config.json" in capsys.readouterr().err
+    (run_dir / "run_config.json").unlink()
+    assert evaluate.run_precision(args[1], "run") == "float32"
