@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from dataloader.datasets import load_dataset
-from dataloader.synthetic_parts import LAYOUTS, NUM_PARTS, class_parts, make_synthetic_parts
+from dataloader.synthetic_parts import LAYOUTS, NUM_PARTS, class_names, class_parts, make_synthetic_parts
 
 SMALL = dict(num_classes=8, train_per_class=12, test_per_class=5, image_size=32)
 
@@ -59,3 +59,85 @@ def test_learnable_from_pixels_but_far_from_solved():
     dist = (xt ** 2).sum(1)[:, None] - 2 * xt @ means.T + (means ** 2).sum(1)[None]
     acc = float(np.mean(np.argmin(dist, 1) == d.test_labels))
     assert 0.10 < acc < 0.5, acc
+
+
+# The default task (40 classes, 5,000 / 2,000 32x32 images) that the README's numbers were measured
+# on: sha256 of train images, train labels, test images, test labels (in that order), computed
+# before the renderer was chunked, threaded and moved to channels-first painting.
+DEFAULT_TASK_SHA256 = "3db8bad662bd80386fe05258adbf6e32536d32ec7b42dcb80d65adb6ecbab317"
+# CIFAR-100's size (the cpu_table1 preset): 100 classes, 500 / 100 images per class.
+CIFAR_SIZE = dict(num_classes=100, train_per_class=500, test_per_class=100)
+
+
+def digest(d):
+    import hashlib
+
+    h = hashlib.sha256()
+    for a in (d.train_images, d.train_labels, d.test_images, d.test_labels):
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def test_default_task_bytes_are_unchanged():
+    import time
+
+    t0 = time.perf_counter()
+    d = make_synthetic_parts()
+    print(f"default task (7,000 32x32 images): {time.perf_counter() - t0:.2f} s")
+    assert digest(d) == DEFAULT_TASK_SHA256
+
+
+def test_bytes_do_not_depend_on_chunks_or_threads(monkeypatch):
+    import dataloader.synthetic_parts as sp
+
+    args = dict(num_classes=100, train_per_class=3, test_per_class=2, image_size=24)
+    a = make_synthetic_parts(**args)
+    monkeypatch.setattr(sp, "CHUNK", 7)     # chunks that do not divide the sets
+    monkeypatch.setattr(sp, "THREADS", 1)
+    assert digest(make_synthetic_parts(**args)) == digest(a)
+    monkeypatch.setattr(sp, "CHUNK", 1000)  # one chunk
+    monkeypatch.setattr(sp, "THREADS", 3)
+    assert digest(make_synthetic_parts(**args)) == digest(a)
+
+
+def test_hundred_classes_from_the_same_vocabulary():
+    """100 classes need 50 part sets of 3 distinct types out of 10 shapes x 6 hues (34,220 sets
+    exist): the deck deals them without any change, and the first 40 classes are the default
+    task's."""
+    parts = class_parts(100)
+    assert parts[:40] == class_parts(40)
+    types = [frozenset((s, h) for s, h, _, _ in c) for c in parts]
+    assert all(len(t) == NUM_PARTS for t in types)
+    assert len(set(types)) == 100 // LAYOUTS
+    assert len(set(parts)) == 100                     # no two classes alike
+    for k in range(0, 100, LAYOUTS):
+        assert types[k] == types[k + 1] and parts[k] != parts[k + 1]
+    counts = {}
+    for t in types[::LAYOUTS]:
+        for p in t:
+            counts[p] = counts.get(p, 0) + 1
+    assert len(counts) == 60 and min(counts.values()) >= 2   # every type, none names a class
+    assert len(set(class_names(100))) == 100
+
+
+def test_cifar_sized_task_is_balanced_deterministic_and_fast():
+    """The cpu_table1 preset's task: 50,000 / 10,000 images of 100 classes at 24x24 (rate 0.1 keeps
+    50 images per class: 39 steps of 128). Its generation time is printed (-s), never asserted."""
+    import time
+
+    from dataloader.pipeline import steps_per_epoch, subsample
+
+    t0 = time.perf_counter()
+    d = make_synthetic_parts(**CIFAR_SIZE, image_size=24)
+    seconds = time.perf_counter() - t0
+    print(f"CIFAR-sized task (60,000 24x24 images): {seconds:.1f} s")
+    assert d.train_images.shape == (50000, 24, 24, 3) and d.test_images.shape == (10000, 24, 24, 3)
+    assert np.bincount(d.train_labels, minlength=100).tolist() == [500] * 100
+    assert np.bincount(d.test_labels, minlength=100).tolist() == [100] * 100
+    for rate, steps in ((0.1, 39), (0.25, 97), (1.0, 390)):
+        assert steps_per_epoch(len(subsample(d.train_labels, rate, 0)), 128) == steps
+    # same arguments -> identical arrays (checked on the first classes' worth of the test split,
+    # which has its own seed stream: a smaller training split leaves it unchanged)
+    again = make_synthetic_parts(num_classes=100, train_per_class=1, test_per_class=100, image_size=24)
+    np.testing.assert_array_equal(again.test_images, d.test_images)
+    np.testing.assert_array_equal(again.test_labels, d.test_labels)
