@@ -87,6 +87,11 @@ FLAG_SPECS = (
      "Enable TensorFlow op determinism (bitwise-reproducible runs and resumes; can be slower on "
      "GPU)."),
     ("integer", "log_every", 200, "Print a progress line and write step summaries every N steps."),
+    ("integer", "val_every", 1,
+     "Validate after every N-th epoch of the main phase and always after the last epoch (1 = "
+     "after every epoch, the initial phase's included). With N > 1 the initial phase is not "
+     "validated (the student is not trained for classification then) and log.mat's "
+     "validation_acc holds NaN for the epochs not validated (one entry per epoch either way)."),
     ("integer", "vis_every", 5,
      "Interpretability frames every N epochs and at the last epoch (0 = off), between epochs only: "
      "on a fixed, seeded sample of --vis_images test images the stacked-PCA embedding, graph and "
@@ -262,6 +267,7 @@ def resolve_config(cfg):
     _at_least(cfg, "seed", 0)
     _at_least(cfg, "stop_after", 0)
     _at_least(cfg, "log_every", 1)
+    _at_least(cfg, "val_every", 1)
     _at_least(cfg, "keep_checkpoints", 1)
     _at_least(cfg, "vis_every", 0)
     _at_least(cfg, "vis_images", 3)
@@ -321,6 +327,18 @@ def resolve_config(cfg):
     return cfg
 
 
+def validation_due(epoch, init_epoch, train_epoch, val_every):
+    """Whether epoch ``epoch`` (0-based, initial phase first) ends with a validation under
+    ``--val_every``: every epoch when it is 1; else the main-phase epochs ``init_epoch + k*N - 1``
+    and always the last epoch (never an initial-phase epoch, unless it is the last). The
+    experiment runner keeps a TensorFlow-free copy (``iepkt_tf.experiments.validated``, tested
+    equal) to read finished logs."""
+    last = epoch + 1 == init_epoch + train_epoch
+    if val_every <= 1 or last:
+        return True
+    return epoch >= init_epoch and (epoch - init_epoch + 1) % val_every == 0
+
+
 def read_run_config(path):
     """The settings saved in a run's ``run_config.json`` (a ConfigError if it cannot be read)."""
     try:
@@ -352,8 +370,8 @@ def write_run_config(path, cfg):
 
 
 # Settings shown in TensorBoard's HParams dashboard: all but where/how the run is stored and reported.
-HPARAMS_EXCLUDE = ("train_dir", "data_dir", "resume", "stop_after", "log_every", "keep_checkpoints",
-                   "vis_every", "vis_images", "vis_snapshots", "replicas")
+HPARAMS_EXCLUDE = ("train_dir", "data_dir", "resume", "stop_after", "log_every", "val_every",
+                   "keep_checkpoints", "vis_every", "vis_images", "vis_snapshots", "replicas")
 # The scalar tags (all written by the loop below) the dashboard lists next to them.
 HPARAMS_METRICS = ("accuracy/validation", "accuracy/train", "loss/validation", "loss/total")
 def run_hparams(cfg):

@@ -4,19 +4,24 @@ logging and the final ``train_params.mat`` / ``log.mat``.
 
 ``run(cfg)`` trains as configured by :mod:`iepkt_tf.config`. An epoch is one pass over a fresh
 permutation of the training set (order from ``(--seed, epoch)``, incomplete last batch dropped);
-the epochs of the method's initial phase come first; validation after every epoch; a checkpoint
-after every epoch and, on SIGTERM/SIGINT, after the step that was running (``--resume``
-continues either exactly, see :mod:`iepkt_tf.checkpoints`).
+the epochs of the method's initial phase come first; validation after every epoch (or every
+``--val_every``-th, below); a checkpoint after every epoch and, on SIGTERM/SIGINT, after the step
+that was running (``--resume`` continues either exactly, see :mod:`iepkt_tf.checkpoints`).
 
 Differences from the authors' loop (documented choices):
 * An epoch is one pass over a fresh permutation of the training set (the order depends only on
   ``(--seed, epoch)``) with the incomplete last batch dropped; the authors carry left-over images
   into the next epoch. The schedule, the phase switch and the warm-up use this epoch index, which is
   the authors' ``floor(step * batch / N)`` whenever the batch size divides N.
-* Validation runs after every epoch, also during an initial phase (where the training accuracy is
-  printed as 1.00, the authors' placeholder: the student is not trained then). The authors'
-  first log entry comes after the first step (or after the initial phase) and the others at the end
-  of each main-phase epoch; here ``log.mat`` has exactly one entry per epoch.
+* Validation runs after every epoch by default, also during an initial phase (where the training
+  accuracy is printed as 1.00, the authors' placeholder: the student is not trained then). The
+  authors' first log entry comes after the first step (or after the initial phase) and the others
+  at the end of each main-phase epoch; here ``log.mat`` has exactly one entry per epoch. With
+  ``--val_every N > 1`` only every N-th main-phase epoch and the last epoch are validated (never
+  an initial-phase epoch but the last); the others keep their training accuracy and a NaN
+  validation accuracy in ``log.mat``, no validation scalars in TensorBoard, and an epoch line that
+  names the next validated epoch. Validation changes no state, so the trained parameters do not
+  depend on ``--val_every``.
 * Validation keeps the incomplete last batch (the authors drop it; for CIFAR it divides evenly).
 * Dropout masks and a method's noise (IEP's drop-head) are drawn from stateless seeds ``(--seed, step)``.
 
@@ -37,7 +42,8 @@ import time
 import types
 
 from iepkt_tf.config import (HPARAMS_METRICS, ConfigError, check_resume_config,
-                             method_options, resolve_config, run_hparams, write_run_config)
+                             method_options, resolve_config, run_hparams, validation_due,
+                             write_run_config)
 from iepkt_tf.frames import VIS_PANEL, EpochFrames, vis_due
 
 # Metrics that are not losses (never checked for finiteness, never listed as terms).
@@ -450,7 +456,7 @@ def _epochs(run, start, stop, epoch_hook, state):
             path = _save(run, epoch, run.batches_done, accs)
             return _stopped(run, epoch, logs, path, signal_name=stop.name)
         train_acc, val_acc = _validate(run, epoch, accs)
-        logs[epoch] = (train_acc, val_acc)
+        logs[epoch] = (train_acc, val_acc)   # val_acc is NaN when --val_every skips the epoch
         run.logs_var.assign(logs)
         _save(run, epoch, run.data.spe, [])
         epochs_run += 1
@@ -531,11 +537,30 @@ def _train_epoch(run, epoch, begin, accs, lr, warm, stop):
     return False
 
 
+def next_validation(cfg, epoch, total_epoch):
+    """The first epoch after ``epoch`` that ``--val_every`` validates (None if there is none)."""
+    return next((e for e in range(epoch + 1, total_epoch)
+                 if validation_due(e, cfg.init_epoch, cfg.train_epoch, cfg.val_every)), None)
+
+
 def _validate(run, epoch, accs):
-    """Validation accuracy and loss after epoch ``epoch``; prints and logs the epoch line."""
+    """Training accuracy of epoch ``epoch`` and, when ``--val_every`` asks for it, the validation
+    accuracy and loss after it (NaN when skipped); prints and logs the epoch line."""
     import numpy as np
     import tensorflow as tf
 
+    cfg = run.cfg
+    main = epoch >= cfg.init_epoch
+    train_acc = 100.0 * float(np.mean(accs)) if (main and accs) else 1.0
+    head = (f"Epoch {epoch:03d} Step {(epoch + 1) * run.data.spe:06d} - train_Accuracy : "
+            f"{train_acc:.2f}%  val_Accuracy : ")
+    if not validation_due(epoch, cfg.init_epoch, cfg.train_epoch, cfg.val_every):
+        after = next_validation(cfg, epoch, run.total_epoch)
+        print(head + f"not run (--val_every {cfg.val_every}: next after epoch {after:03d})",
+              flush=True)
+        with run.writer.as_default(step=epoch):
+            tf.summary.scalar("accuracy/train", train_acc)
+        return train_acc, float("nan")
     correct = loss_sum = 0.0
     for images, labels in run.data.val_ds:
         c, s = run.steps["eval"](images, labels)
@@ -543,10 +568,7 @@ def _validate(run, epoch, accs):
         loss_sum += float(s)
     n_val = max(1, run.data.n_val)
     val_acc = 100.0 * correct / n_val
-    main = epoch >= run.cfg.init_epoch
-    train_acc = 100.0 * float(np.mean(accs)) if (main and accs) else 1.0
-    print(f"Epoch {epoch:03d} Step {(epoch + 1) * run.data.spe:06d} - train_Accuracy : "
-          f"{train_acc:.2f}%  val_Accuracy : {val_acc:.2f}%", flush=True)
+    print(head + f"{val_acc:.2f}%", flush=True)
     with run.writer.as_default(step=epoch):
         tf.summary.scalar("accuracy/train", train_acc)
         tf.summary.scalar("accuracy/validation", val_acc)

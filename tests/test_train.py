@@ -391,3 +391,55 @@ def test_console_has_no_absl_info_lines(tmp_path):
     loud = _cli(*args, "--train_dir", str(tmp_path / "loud"), "--verbosity", "0", env=env)
     assert info.findall(loud.stdout + loud.stderr), "the check above would not see absl INFO lines"
     assert native.findall(loud.stderr), "the check above would not see TensorFlow's C++ lines"
+
+
+# ------------------------------------------------------------------ (f) --val_every
+
+def test_val_every_skips_validation_without_changing_training(tmp_path, capsys):
+    """--val_every 2 over 5 epochs validates epochs 1, 3 and 4 (the last): log.mat keeps one row
+    per epoch with NaN for the others, TensorBoard has validation scalars on the validated epochs
+    only, the epoch line says when the next validation comes, and the parameters are bitwise those
+    of --val_every 1 (validation changes no state). Stopped after the (skipped) epoch 0 and resumed,
+    the run ends bitwise as the uninterrupted one."""
+    cfg = {**RESUME, "train_epoch": 5}
+    every = trainer.run(config.make_config(train_dir=str(tmp_path / "every"), **cfg))
+    capsys.readouterr()
+    full = trainer.run(config.make_config(train_dir=str(tmp_path / "full"), val_every=2, **cfg))
+    console = capsys.readouterr().out
+    assert "val_Accuracy : not run (--val_every 2: next after epoch 001)" in console
+    assert "val_Accuracy : not run (--val_every 2: next after epoch 003)" in console
+    log = load_mat(full["log"])
+    val, val1 = log["validation_acc"].ravel(), load_mat(every["log"])["validation_acc"].ravel()
+    assert val.shape == (5,)
+    assert np.isnan(val[[0, 2]]).all() and np.isfinite(val[[1, 3, 4]]).all()
+    np.testing.assert_array_equal(val[[1, 3, 4]], val1[[1, 3, 4]])
+    np.testing.assert_array_equal(log["training_acc"], load_mat(every["log"])["training_acc"])
+    a, b = load_mat(every["train_params"]), load_mat(full["train_params"])
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    tags = scalars(str(tmp_path / "full"))
+    assert sorted(s for s, _ in tags["accuracy/validation"]) == [1, 3, 4]
+    assert sorted(s for s, _ in tags["loss/validation"]) == [1, 3, 4]
+    assert sorted(s for s, _ in tags["accuracy/train"]) == [0, 1, 2, 3, 4]
+
+    part_dir = str(tmp_path / "part")
+    part = trainer.run(config.make_config(train_dir=part_dir, val_every=2, stop_after=1, **cfg))
+    assert part["stopped"] and np.isnan(part["logs"]["validation_acc"]).all()
+    resumed = trainer.run(config.make_config(train_dir=part_dir, val_every=2, resume=True, **cfg))
+    c = load_mat(resumed["train_params"])
+    assert all(np.array_equal(b[k], c[k]) for k in b)
+    lc = load_mat(resumed["log"])
+    for k in ("training_acc", "validation_acc"):
+        np.testing.assert_array_equal(log[k], lc[k])   # NaN in the same places
+
+
+def test_validation_due_rule():
+    due = lambda init, train, k: [e for e in range(init + train)  # noqa: E731
+                                  if config.validation_due(e, init, train, k)]
+    assert due(0, 5, 1) == [0, 1, 2, 3, 4]
+    assert due(2, 3, 1) == [0, 1, 2, 3, 4]            # the default validates the initial phase too
+    assert due(0, 100, 10) == [9, 19, 29, 39, 49, 59, 69, 79, 89, 99]
+    assert due(20, 100, 10) == [29, 39, 49, 59, 69, 79, 89, 99, 109, 119]  # IEP: none in the init phase
+    assert due(0, 5, 2) == [1, 3, 4]                  # the last epoch always
+    assert due(3, 0, 5) == [2]                        # an initial phase alone: its last epoch
+    with pytest.raises(config.ConfigError, match="--val_every"):
+        config.resolve_config(config.make_config(Distillation="None", val_every=0))
