@@ -14,7 +14,8 @@ value of a flag wins): the preset's ``common`` flags, the teacher's or the varia
 ``--teacher_params``, ``--resume``) set by the runner.
 
 Resuming: a run is finished when its folder holds ``log.mat`` with one ``validation_acc`` entry per
-epoch (``init_epoch + train_epoch`` of its ``run_config.json``) and ``train_params.mat``; finished
+epoch (``init_epoch + train_epoch`` of its ``run_config.json``; NaN for the epochs its
+``--val_every`` does not validate, a number for the others) and ``train_params.mat``; finished
 runs are skipped, a run folder with ``ckpt/`` is continued with ``--resume``. So rerunning the same
 command after a crash or a kill (or ``--max_runs``) completes the grid. A run that fails (or exits
 without finishing) is reported in one line with its log; the other runs go on and the exit status is
@@ -23,8 +24,9 @@ without finishing) is reported in one line with its log; the other runs go on an
 ``run_time.json``): one line ``experiments: error: ...`` naming the file, exit status 2, and
 nothing is run or rewritten (fix or remove the file).
 
-Presets (``PRESETS``; a plain dict each: ``common``, ``teacher``, ``variants``, ``rates``,
-``seeds``, ``description`` and optionally ``paper`` / ``paper_note``):
+Presets (``PRESETS``; a plain dict each: ``common``, ``teacher``, ``variants`` (a mapping, for
+cpu_table1 one read from the method registry), ``rates``, ``seeds``, ``description`` and
+optionally ``family``, ``rate_flags``, ``paper`` / ``paper_note`` and ``budget``):
 
 * ``tiny``: a synthetic 4-class task with WRN-10-1 networks, a few seconds per run (tests, smoke).
 * ``paper``: CIFAR-100, WRN-40-4 teacher -> WRN-16-4 student with the authors' recipe; rates
@@ -35,13 +37,24 @@ Presets (``PRESETS``; a plain dict each: ``common``, ``teacher``, ``variants``, 
   alone, summed clipping, the signed adapter, mixed_bfloat16). Both are of the family ``cpu``:
   run them into one ``--out_dir`` and the ablation reuses the main grid's runs (presets of one
   family share their ``common`` and ``teacher`` flags; ``rate_flags`` adds flags per rate).
+* ``cpu_table1``: the paper's Table 1 in its own shape on a CPU (its own family): the generated task
+  at CIFAR-100's size (100 classes, 50,000 / 10,000 24x24 images), a WRN-28-1 teacher -> WRN-10-1
+  student (same width), batch 128, 100 epochs at every rate, every method of the registry with its
+  own initial phase, ``--precision=auto``, ``--val_every=10``; rates 0.1 and 0.25, seeds 0-2 (55
+  runs). docs/table1_budget.md: how the pair and the image size were chosen.
+
+``--dry_run`` prints the commands, then per variant its method, networks and widths, epochs and
+initial phase, and the steps per epoch; for a preset with a ``budget`` (cpu_table1) also the
+estimated time per run, per rate column, of the teacher and of the grid, from the benchmark JSONs
+the budget names (measured beforehand with ``python -m iepkt_tf.benchmark``, not at dry-run time),
+as measured and scaled to a quiet machine by the budget's load factor.
 
 Outputs, rewritten atomically in ``OUT`` after every finished run (``summarize(out_dir)`` or
 ``--summarize_only`` rebuilds them from the run folders):
 
 * ``results.csv``: ``variant,rate,seed,final_acc,best_acc,epochs,wall_s,train_dir`` per finished run
   (the teacher as variant ``teacher``; ``train_dir`` relative to ``OUT``; accuracies are the
-  validation top-1 % of ``log.mat``, final and best epoch).
+  validation top-1 % of ``log.mat``, the last epoch and the best validated epoch).
 * ``results.md``: the command(s), the teacher's accuracy, per variant and rate
   ``mean ± sd (value per seed)`` of the final accuracy (sample sd), the gain over ``None`` and,
   where the preset has them, the paper's figures beside ours.
@@ -53,9 +66,12 @@ the preset, the commands and the planned runs for the summaries.
 """
 from __future__ import annotations
 
+import collections.abc
 import csv
+import glob
 import io
 import json
+import math
 import os
 import re
 import shlex
@@ -106,6 +122,61 @@ PAPER_TABLE = {"None": (76.09, 69.77, 59.28, 40.65), "AT": (76.98, 71.13, 63.07,
                "RKD": (77.02, 69.57, 53.57, 23.27), "MHGD": (77.45, 73.32, 67.27, 54.58),
                "CO": (78.21, 74.33, 67.90, 40.80), "IEP": (78.37, 74.53, 69.02, 59.04)}
 PAPER_RATES = (1.0, 0.5, 0.25, 0.1)
+
+
+class MethodVariants(collections.abc.Mapping):
+    """``{method: ["--Distillation=<method>"] + extra}`` for every method of
+    ``iepkt_tf.distillers.METHODS``, in the registry's (Table 1) order, so that a new method joins
+    the preset by its registry line alone. Read on first use: the registry imports TensorFlow,
+    which the runner does not need for the other presets."""
+
+    def __init__(self, extra=()):
+        self._extra, self._variants = list(extra), None
+
+    def _data(self):
+        if self._variants is None:
+            self._variants = {m: [f"--Distillation={m}"] + self._extra for m in method_init_epochs()}
+        return self._variants
+
+    def __getitem__(self, name):
+        return self._data()[name]
+
+    def __iter__(self):
+        return iter(self._data())
+
+    def __len__(self):
+        return len(self._data())
+
+
+_METHOD_INIT_EPOCHS = None
+
+
+def method_init_epochs():
+    """``{method: default_init_epoch}`` of ``iepkt_tf.distillers.METHODS`` (registry order; the
+    registry is imported, with TensorFlow, quietly on first use)."""
+    global _METHOD_INIT_EPOCHS
+    if _METHOD_INIT_EPOCHS is None:
+        from iepkt_tf.quiet import import_tensorflow
+
+        import_tensorflow([])
+        from iepkt_tf.distillers import METHODS
+
+        _METHOD_INIT_EPOCHS = {name: int(cls.default_init_epoch) for name, cls in METHODS.items()}
+    return dict(_METHOD_INIT_EPOCHS)
+
+
+# The paper's Table 1 in its own shape on a 2-core CPU (docs/table1_budget.md): CIFAR-100's size
+# (100 classes, 500 / 100 images per class), a teacher 2.8x deeper than the student at the same
+# width (28 -> 10 layers; the paper: WRN-40-4 -> WRN-16-4, 2.5x), batch 128, 100 main epochs at
+# every rate, each method's own initial phase. 24x24 images (the networks' 7x7/2 stem and no
+# dropout, as for every input that is not 32 pixels high) and width 1 are what fit the budget;
+# WRN-40-1 -> WRN-16-1 costs a third more and its teacher was no better than its student after a
+# short schedule (docs/table1_budget.md).
+TABLE1_COMMON = ["--dataset=synthetic_parts", "--synthetic_classes=100",
+                 "--synthetic_train_per_class=500", "--synthetic_test_per_class=100",
+                 "--synthetic_image_size=24", "--teacher_arch=WResNet-28-1",
+                 "--student_arch=WResNet-10-1", "--batch_size=128", "--val_batch_size=200",
+                 "--train_epoch=100", "--precision=auto", "--val_every=10", "--vis_every=0"]
 
 PRESETS = {
     "tiny": {
@@ -177,6 +248,34 @@ PRESETS = {
         "seeds": [0, 1, 2],
     },
     # ------------------------------------------------------------------------------------------
+    # Table 1's shape on the CPU (its own family: its task, networks and teacher are not cpu's).
+    "cpu_table1": {
+        "family": "cpu_table1",
+        "description": "Table 1's shape on a CPU: synthetic_parts at CIFAR-100's size (100 "
+                       "classes, 50,000 / 10,000 images, 24x24), WRN-28-1 teacher -> WRN-10-1 "
+                       "student (same width), batch 128, 100 epochs at every rate, each method's "
+                       "own initial phase (IEP 20, FT 30, AB 30, MHGD 40), --precision=auto, "
+                       "validation every 10 epochs and at the last; rates 0.1 and 0.25.",
+        "common": TABLE1_COMMON,
+        "teacher": [],
+        # Every method of iepkt_tf.distillers.METHODS with its own defaults (no --init_epoch).
+        "variants": MethodVariants(),
+        "rates": [0.1, 0.25],
+        "seeds": [0, 1, 2],
+        "paper": {m: dict(zip(PAPER_RATES, row)) for m, row in PAPER_TABLE.items()},
+        "paper_note": "The paper's figures are CIFAR-100 with WRN-40-4 -> WRN-16-4; ours are the "
+                      "generated task of CIFAR-100's size with WRN-28-1 -> WRN-10-1: compare the "
+                      "ranking and the gains over None, not the numbers. Our IEP includes the "
+                      "black-box term K_BB ('IEP + black-box' in the paper).",
+        # The dry run's time estimate: the benchmark's step times of this pair (stored JSONs), the
+        # per-run and per-epoch overheads of short train_w_distill.py runs, all measured while
+        # other jobs loaded the CPU; and the load factor: the README's quiet benchmark of the cpu
+        # pair against the same benchmark run among those measurements.
+        "budget": {"bench_dir": "docs/bench/table1", "run_overhead_s": 60.0,
+                   "epoch_overhead_s": 0.7,
+                   "load_reference": ["docs/bench/table1/reference/IEP_cpu_pair_loaded.json",
+                                      "docs/bench/replicas2_IEP.json"]},
+    },
 }
 
 
@@ -358,12 +457,29 @@ def rate_name(rate):
     return f"{rate:g}"
 
 
+def init_epochs_of(flag_list):
+    """``--init_epoch`` of a run: the flag, else its method's default (``None``: 0; the others
+    read from the method registry)."""
+    given = flag_value(flag_list, "init_epoch")
+    if given is not None:
+        return int(given)
+    method = flag_value(flag_list, "Distillation", "IEP")
+    return 0 if method == "None" else method_init_epochs().get(method, 0)
+
+
 def run_cost(flag_list, rate):
     """Relative cost of a run: sample rate x epochs (train_w_distill.py's defaults)."""
-    iep = flag_value(flag_list, "Distillation", "IEP") == "IEP"
-    epochs = int(flag_value(flag_list, "train_epoch", 100))
-    epochs += int(flag_value(flag_list, "init_epoch", 20 if iep else 0))
+    epochs = int(flag_value(flag_list, "train_epoch", 100)) + init_epochs_of(flag_list)
     return rate * max(1, epochs)
+
+
+def validated(epoch, init_epoch, train_epoch, val_every):
+    """Whether ``--val_every`` validates epoch ``epoch``: the rule of
+    ``iepkt_tf.config.validation_due`` (repeated here so that reading results needs no TensorFlow;
+    tests/test_experiments.py checks that they agree)."""
+    if val_every <= 1 or epoch + 1 == init_epoch + train_epoch:
+        return True
+    return epoch >= init_epoch and (epoch - init_epoch + 1) % val_every == 0
 
 
 def plan_runs(grid):
@@ -427,14 +543,20 @@ def _looks_like_mat(path):
 
 def read_result(run_dir):
     """``{final_acc, best_acc, epochs, wall_s, config}`` of a finished run, None for a run that is
-    not finished (a file missing, fewer epochs logged); InputError if one of its files is damaged."""
+    not finished (a file missing, fewer epochs logged); InputError if one of its files is damaged.
+
+    ``log.mat``'s ``validation_acc`` has one entry per epoch; with ``--val_every N > 1`` (read from
+    ``run_config.json``) the epochs it skips hold NaN, so ``final_acc`` is the last epoch's (always
+    validated) and ``best_acc`` the best of the validated epochs."""
     from iepkt_tf.mat_io import MatFileError, load_mat
 
     paths = [os.path.join(run_dir, n) for n in ("run_config.json", "log.mat", "train_params.mat")]
     if not all(os.path.isfile(p) for p in paths):
         return None
     cfg = read_json_object(paths[0], "the run's flags, written by train_w_distill.py")
-    epochs = _number(cfg, "init_epoch", paths[0], int) + _number(cfg, "train_epoch", paths[0], int)
+    init, train = _number(cfg, "init_epoch", paths[0], int), _number(cfg, "train_epoch", paths[0], int)
+    epochs = init + train
+    val_every = _number(cfg, "val_every", paths[0], int, 1)
     _number(cfg, "sample_rate", paths[0], float, 1.0)
     _number(cfg, "seed", paths[0], int, 0)
     try:
@@ -447,14 +569,21 @@ def read_result(run_dir):
                          f"epoch), got {'none' if 'validation_acc' not in log else acc.dtype}; fix "
                          f"or remove it")
     acc = acc.ravel().astype(np.float64)
-    if not np.all(np.isfinite(acc)):
+    # NaN marks an epoch that --val_every did not validate; anything else must be finite.
+    if np.any(np.isinf(acc)) or (val_every <= 1 and not np.all(np.isfinite(acc))):
         raise InputError(f"{paths[1]}: 'validation_acc' holds non-finite values; fix or remove it")
     if len(acc) == 0 or len(acc) != epochs:
         return None
+    missing = [e for e in range(epochs) if np.isnan(acc[e]) and validated(e, init, train, val_every)]
+    if missing:
+        raise InputError(f"{paths[1]}: 'validation_acc' holds non-finite values at epoch(s) "
+                         f"{', '.join(map(str, missing[:5]))}, which --val_every {val_every} "
+                         f"validates; fix or remove it")
     if not _looks_like_mat(paths[2]):
         raise InputError(f"{paths[2]}: not a MATLAB .mat file (expected the run's parameters, "
                          f"written by train_w_distill.py); remove it to rerun the run")
-    return {"final_acc": float(acc[-1]), "best_acc": float(acc.max()), "epochs": len(acc),
+    # The last epoch is always validated; the best is over the validated epochs.
+    return {"final_acc": float(acc[-1]), "best_acc": float(np.nanmax(acc)), "epochs": len(acc),
             "wall_s": read_wall_time(run_dir), "config": cfg}
 
 
@@ -536,13 +665,218 @@ def eta(done, remaining_cost):
 # --------------------------------------------------------------------------- the grid
 
 def dry_run(grid, runs, out=print):
+    """Print the commands, then the plan per variant (method, networks and widths, epochs and
+    initial phases, steps per epoch) and, for a preset with a ``budget``, the estimated time."""
     out(f"# {len(runs)} runs, each in {REPO}:")
     for k, run in enumerate(runs, 1):
         state = "finished, skip" if read_result(run["dir"]) else (
             "resume" if os.path.isdir(os.path.join(run["dir"], "ckpt")) else "new")
         argv = ["python"] + run_argv(run, state == "resume")[1:]
         out(f"[{k}/{len(runs)}] {_label(run)} ({state}): {shlex.join(argv)}")
+    for line in plan_lines(grid, runs):
+        out(line)
     return 0
+
+
+# --------------------------------------------------------------------------- plan and time estimate
+
+# (classes, training and test images per class) of the datasets whose size the dry run knows; the
+# generated sets' flags override theirs.
+DATASET_SIZES = {"synthetic_parts": (40, 125, 50), "synthetic": (10, 200, 50),
+                 "cifar100": (100, 500, 100), "cifar10": (10, 5000, 1000)}
+DEFAULT_ARCH = {"student": "WResNet-16-4", "teacher": "WResNet-40-4"}   # --model_name WResNet
+
+
+def dataset_size(flag_list):
+    """``(classes, train per class, test per class)`` of a run's dataset (None if unknown)."""
+    name = flag_value(flag_list, "dataset", "cifar100")
+    if name not in DATASET_SIZES:
+        return None
+    size = DATASET_SIZES[name]
+    if name.startswith("synthetic"):
+        size = tuple(int(flag_value(flag_list, f, v)) for f, v in zip(
+            ("synthetic_classes", "synthetic_train_per_class", "synthetic_test_per_class"), size))
+    return size
+
+
+def steps_per_epoch(flag_list, rate):
+    """Training steps per epoch of a run (class-balanced subset of ``max(1, round(rate * n_c))``
+    images per class, the last partial batch dropped), as dataloader.pipeline; None if unknown."""
+    size = dataset_size(flag_list)
+    if size is None:
+        return None
+    classes, per_class, _ = size
+    keep = per_class if rate >= 1.0 else max(1, math.floor(rate * per_class + 0.5))
+    return classes * keep // int(flag_value(flag_list, "batch_size", 128))
+
+
+def run_plan(run):
+    """What a run trains: ``method, scope, student, teacher, init, train, val_every, spe,
+    validations`` (the architectures with train_w_distill.py's defaults)."""
+    f = run["flags"]
+    method = flag_value(f, "Distillation", "IEP")
+    scope = flag_value(f, "main_scope", "Student")
+    student = flag_value(f, "student_arch", DEFAULT_ARCH["student"])
+    teacher = flag_value(f, "teacher_arch", DEFAULT_ARCH["teacher"])
+    init, train = init_epochs_of(f), int(flag_value(f, "train_epoch", 100))
+    val_every = int(flag_value(f, "val_every", 1))
+    return dict(method=method, scope=scope, main=teacher if scope == "Teacher" else student,
+                student=student, teacher=teacher, init=init, train=train, val_every=val_every,
+                spe=steps_per_epoch(f, run["rate"]),
+                validations=sum(validated(e, init, train, val_every) for e in range(init + train)))
+
+
+def width(arch):
+    """The width factor of ``WResNet-d-k`` (1 for any other network)."""
+    m = re.fullmatch(r"WResNet-\d+-(\d+)", arch)
+    return int(m.group(1)) if m else 1
+
+
+def load_bench(bench_dir):
+    """The benchmark JSONs (``python -m iepkt_tf.benchmark --json``) in ``bench_dir`` (relative to
+    the repository): ``[(name, config, parts)]``; unreadable files are left out."""
+    found = []
+    for path in sorted(glob.glob(os.path.join(REPO, bench_dir, "*.json"))):
+        try:
+            with open(path, encoding="utf-8") as f:
+                obj = json.load(f)
+            found.append((os.path.relpath(path, REPO), dict(obj["config"]), dict(obj["parts"])))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return found
+
+
+def _bench_median(bench, run, part, **match):
+    """Median over the matching benchmark files of ``part``'s median s/step (None if none)."""
+    f = run["flags"]
+    size = dataset_size(f)
+    want = dict(batch_size=int(flag_value(f, "batch_size", 128)),
+                image_size=int(flag_value(f, "synthetic_image_size", 32)),
+                num_classes=size[0] if size else None, **match)
+    precision = flag_value(f, "precision", "auto")
+    values = [parts[part]["median_s"] for _, cfg, parts in bench
+              if part in parts and all(cfg.get(k) == v for k, v in want.items())
+              and precision in (cfg.get("precision_flag"), cfg.get("precision"))]
+    return statistics.median(values) if values else None
+
+
+def estimate_run(run, bench, budget):
+    """``{seconds, main_s, init_s, val_s}`` of a run from the benchmark's step times and the
+    preset's overheads, or None when the benchmark has no step of this configuration."""
+    plan = run_plan(run)
+    if plan["spe"] is None:
+        return None
+    if plan["method"] == "None":
+        main_s = _bench_median(bench, run, "student", student_arch=plan["main"])
+    else:
+        main_s = _bench_median(bench, run, "main", distillation=plan["method"],
+                               student_arch=plan["student"], teacher_arch=plan["teacher"])
+    init_s = 0.0
+    if plan["init"]:
+        init_s = _bench_median(bench, run, "init", distillation=plan["method"],
+                               student_arch=plan["student"], teacher_arch=plan["teacher"])
+    infer_s = _bench_median(bench, run, "infer", student_arch=plan["main"])
+    if main_s is None or init_s is None or infer_s is None:
+        return None
+    n_test = dataset_size(run["flags"])
+    n_test = n_test[0] * n_test[2]
+    val_s = infer_s * n_test / int(flag_value(run["flags"], "batch_size", 128))
+    seconds = (budget.get("run_overhead_s", 0.0)
+               + (plan["init"] + plan["train"]) * budget.get("epoch_overhead_s", 0.0)
+               + plan["spe"] * (plan["init"] * init_s + plan["train"] * main_s)
+               + plan["validations"] * val_s)
+    return dict(seconds=seconds, main_s=main_s, init_s=init_s if plan["init"] else None, val_s=val_s)
+
+
+def load_factor(pair):
+    """How much slower the machine was when the benchmark JSONs were measured: geometric mean over
+    the common parts of the median s/step in ``pair[0]`` (the reference benchmark run among them)
+    over ``pair[1]`` (the same benchmark on a quiet machine); None without both files."""
+    if not pair:
+        return None
+    try:
+        loaded, quiet = ({k: v["median_s"] for k, v in load_bench_file(p)["parts"].items()}
+                         for p in pair)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    common = sorted(set(loaded) & set(quiet))
+    if not common:
+        return None
+    return math.exp(statistics.fmean(math.log(loaded[k] / quiet[k]) for k in common))
+
+
+def load_bench_file(path):
+    with open(os.path.join(REPO, path), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def plan_lines(grid, runs):
+    """The dry run's summary lines (all start with ``#``): per variant its method, networks and
+    widths, epochs, initial phase and validation; steps per epoch by rate; with the preset's
+    ``budget`` the estimated time per run, per rate column and of the whole grid."""
+    lines, seen = ["#", f"# Plan of preset {grid['name']} ({len(runs)} runs):"], {}
+    for run in runs:
+        seen.setdefault(run["variant"], run)
+    for variant, run in seen.items():
+        p = run_plan(run)
+        nets = (f"{p['main']} (width {width(p['main'])})" if p["method"] == "None" else
+                f"{p['student']} (width {width(p['student'])}) <- teacher {p['teacher']} "
+                f"(width {width(p['teacher'])})")
+        init = f"initial phase {p['init']} epochs + " if p["init"] else ""
+        lines.append(f"#   {variant:<10} --Distillation={p['method']:<5} {p['scope'].lower()} {nets}; "
+                     f"{init}{p['train']} main epochs; {p['validations']} validation(s)")
+    spe = {r["rate"]: run_plan(r)["spe"] for r in runs if r["variant"] != TEACHER}
+    if spe and None not in spe.values():
+        lines.append("#   steps per epoch (students): " + ", ".join(
+            f"{n} at rate {rate_name(r)}" for r, n in sorted(spe.items())))
+    budget = grid["preset"].get("budget")
+    if not budget:
+        return lines
+    bench = load_bench(budget["bench_dir"])
+    est = {id(r): estimate_run(r, bench, budget) for r in runs}
+    missing = sorted({r["variant"] for r in runs if est[id(r)] is None})
+    lines += ["#", f"# Estimated time: step medians of the benchmark JSONs in {budget['bench_dir']} "
+              f"(python -m iepkt_tf.benchmark, measured on this project's 2-core CPU while other "
+              f"jobs shared it), + {budget.get('run_overhead_s', 0):g} s per run (start-up, data, "
+              f"tracing) + {budget.get('epoch_overhead_s', 0):g} s per epoch (checkpoint, data "
+              f"pipeline); validation = inference of the test set."]
+    rates = sorted({r["rate"] for r in runs if r["variant"] != TEACHER})
+    lines.append("#   " + f"{'variant':<10} {'s/step main':>11} {'init':>7}  "
+                 + "  ".join(f"{'rate ' + rate_name(r):>10}" for r in rates) + "  (per run)")
+    for variant, run in seen.items():
+        e = est[id(run)]
+        if e is None:
+            continue
+        per_rate = {r["rate"]: est[id(r)]["seconds"] for r in runs
+                    if r["variant"] == variant and est[id(r)] is not None}
+        init = f"{e['init_s']:.4f}" if e["init_s"] else "-"
+        cells = ([f"{hms(per_rate[r]) if r in per_rate else '-':>10}" for r in rates]
+                 if variant != TEACHER else [f"{hms(e['seconds']):>10} (rate {rate_name(run['rate'])})"])
+        lines.append(f"#   {variant:<10} {e['main_s']:>11.4f} {init:>7}  " + "  ".join(cells))
+    total = sum(e["seconds"] for e in est.values() if e is not None)
+    for rate in rates:
+        column = [est[id(r)]["seconds"] for r in runs if r["variant"] != TEACHER and r["rate"] == rate
+                  and est[id(r)] is not None]
+        lines.append(f"#   rate {rate_name(rate)} column ({len(column)} runs): {hms(sum(column))} "
+                     f"({sum(column) / 3600:.2f} h)")
+    teacher = [est[id(r)]["seconds"] for r in runs if r["variant"] == TEACHER and est[id(r)]]
+    if teacher:
+        lines.append(f"#   teacher: {hms(teacher[0])} ({teacher[0] / 3600:.2f} h)")
+    lines.append(f"#   grid ({sum(e is not None for e in est.values())} runs): {hms(total)} "
+                 f"({total / 3600:.2f} h)")
+    factor = load_factor(budget.get("load_reference"))
+    if factor:
+        columns = ", ".join(f"rate {rate_name(rate)} column " + hms(sum(
+            est[id(r)]["seconds"] for r in runs if r["variant"] != TEACHER and r["rate"] == rate
+            and est[id(r)] is not None) / factor) for rate in rates)
+        lines.append(f"#   on a quiet machine (every figure / {factor:.2f}, the load factor of "
+                     f"{budget['load_reference'][0]} over {budget['load_reference'][1]}): "
+                     f"{columns}, teacher {hms(teacher[0] / factor) if teacher else '-'}, "
+                     f"grid {hms(total / factor)} ({total / factor / 3600:.2f} h)")
+    if missing:
+        lines.append(f"#   not estimated (no benchmark of their configuration in "
+                     f"{budget['bench_dir']}): {', '.join(missing)}")
+    return lines
 
 
 def _label(run):

@@ -313,3 +313,119 @@ def test_eta_and_clock():
     assert ex.hms(3725) == "01:02:05" and ex.hms(None) == "--:--:--"
     assert ex.run_cost(["--train_epoch=10", "--Distillation=IEP"], 0.5) == pytest.approx(15.0)
     assert ex.run_cost(["--train_epoch=10", "--Distillation=None"], 0.5) == pytest.approx(5.0)
+
+
+# ------------------------------------------------------------------ the cpu_table1 preset
+
+def test_dry_run_of_the_table1_preset(tmp_path):
+    """Table 1's shape: the nine methods of the registry, teacher and student of the same width, 100
+    main epochs each, every method's own initial phase, and the estimated time of the grid and of
+    each rate column (from the stored benchmark JSONs)."""
+    from iepkt_tf.distillers import METHODS
+
+    out = tmp_path / "t1"
+    res = cli("--preset=cpu_table1", f"--out_dir={out}", "--dry_run")
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    cmds = [ln for ln in lines if ln.startswith("[")]
+    assert len(cmds) == 1 + len(METHODS) * 2 * 3 == 55
+    for m in METHODS:
+        assert sum(f"] {m} " in ln for ln in cmds) == 6, m
+    for ln in cmds:
+        assert "--train_epoch=100" in ln and "--init_epoch" not in ln
+        assert "--dataset=synthetic_parts" in ln and "--synthetic_classes=100" in ln
+        assert "--batch_size=128" in ln and "--precision=auto" in ln and "--val_every=10" in ln
+    plan = {ln.split()[1]: ln for ln in lines if re.match(r"#   \S+ +--Distillation=", ln)}
+    assert list(plan) == ["teacher"] + list(METHODS)
+    inits = {"IEP": 20, "FT": 30, "AB": 30, "MHGD": 40}
+    for m in METHODS:
+        ln = plan[m]
+        assert "100 main epochs" in ln, ln
+        widths = re.findall(r"\(width (\d+)\)", ln)
+        assert widths and len(set(widths)) == 1, ln             # student and teacher alike
+        if m in inits:
+            assert f"initial phase {inits[m]} epochs" in ln, ln
+        else:
+            assert "initial phase" not in ln, ln
+    assert re.search(r"WResNet-10-1 \(width 1\) <- teacher WResNet-28-1 \(width 1\)", plan["IEP"])
+    assert "steps per epoch (students): 39 at rate 0.1, 97 at rate 0.25" in res.stdout
+    assert "docs/bench/table1" in res.stdout
+    for what in ("rate 0.1 column (27 runs)", "rate 0.25 column (27 runs)", "teacher: ", "grid (55 runs)",
+                 "on a quiet machine"):
+        assert any(what in ln for ln in lines), what
+    assert "not estimated" not in res.stdout        # a benchmark for every run
+    assert not out.exists()
+
+
+def test_table1_preset_is_its_own_family_and_cpu_is_unchanged():
+    from iepkt_tf.distillers import METHODS
+
+    t1, cpu = ex.PRESETS["cpu_table1"], ex.PRESETS["cpu"]
+    assert list(t1["variants"]) == list(METHODS)
+    assert all(f == [f"--Distillation={m}"] for m, f in t1["variants"].items())
+    assert t1["family"] != cpu.get("family", "cpu") and t1["rates"] == [0.1, 0.25]
+    assert t1["paper"]["IEP"][0.1] == 59.04 and t1["seeds"] == [0, 1, 2]
+    assert cpu["common"] == ["--dataset=synthetic_parts", "--precision=float32", "--batch_size=64",
+                             "--val_batch_size=200", "--teacher_arch=WResNet-16-2",
+                             "--student_arch=WResNet-10-1", "--vis_every=0", "--log_every=100000"]
+    assert cpu["rate_flags"] == {0.1: ["--train_epoch=40"], 1.0: ["--train_epoch=10"]}
+    assert cpu["variants"]["IEP"] == ["--Distillation=IEP", "--init_epoch=5"]
+
+
+def test_steps_per_epoch_and_costs_follow_the_trainer():
+    flags = ex.TABLE1_COMMON
+    assert [ex.steps_per_epoch(flags, r) for r in (0.1, 0.25, 0.5, 1.0)] == [39, 97, 195, 390]
+    assert ex.steps_per_epoch(ex.CPU_COMMON, 0.1) == 40 * 13 // 64
+    assert ex.steps_per_epoch(["--dataset=TinyImageNet"], 1.0) is None
+    # each method's default initial phase counts (the registry's default_init_epoch)
+    assert ex.run_cost(["--Distillation=FT"], 1.0) == 130
+    assert ex.run_cost(["--Distillation=MHGD", "--train_epoch=10"], 0.5) == 25
+    assert ex.run_cost(["--Distillation=AB", "--init_epoch=5", "--train_epoch=10"], 1.0) == 15
+
+
+def test_validated_is_the_trainers_rule():
+    from iepkt_tf.config import validation_due
+
+    for init in (0, 1, 3, 20):
+        for train in (0, 1, 7, 100):
+            for k in (1, 2, 3, 10):
+                if init + train:
+                    assert [ex.validated(e, init, train, k) for e in range(init + train)] == \
+                        [validation_due(e, init, train, k) for e in range(init + train)]
+
+
+def _write_run(run_dir, acc, **cfg):
+    from iepkt_tf.mat_io import save_mat
+
+    os.makedirs(run_dir)
+    with open(os.path.join(run_dir, "run_config.json"), "w") as f:
+        import json
+        json.dump({"init_epoch": 0, "train_epoch": len(acc), **cfg}, f)
+    save_mat(os.path.join(run_dir, "log.mat"), {"validation_acc": np.asarray(acc, np.float64)})
+    save_mat(os.path.join(run_dir, "train_params.mat"), {"Student/full/biases": np.zeros(4)})
+
+
+def test_read_result_with_skipped_validations(tmp_path):
+    nan = float("nan")
+    # --val_every 2 over 5 epochs: epochs 1, 3, 4 validated; best over them, final the last
+    _write_run(tmp_path / "ok", [nan, 40.0, nan, 55.0, 50.0], val_every=2)
+    res = ex.read_result(str(tmp_path / "ok"))
+    assert (res["final_acc"], res["best_acc"], res["epochs"]) == (50.0, 55.0, 5)
+    # an initial phase is not validated: IEP-like 2 + 3 epochs, --val_every 2 -> epochs 3 and 4
+    _write_run(tmp_path / "init", [nan, nan, nan, 30.0, 35.0], init_epoch=2, train_epoch=3, val_every=2)
+    assert ex.read_result(str(tmp_path / "init"))["best_acc"] == 35.0
+    # a validated epoch without a value is damage; so is NaN in a run that validates every epoch
+    _write_run(tmp_path / "hole", [nan, nan, nan, 55.0, 50.0], val_every=2)
+    with pytest.raises(ex.InputError, match=r"epoch\(s\) 1, which --val_every 2 validates"):
+        ex.read_result(str(tmp_path / "hole"))
+    _write_run(tmp_path / "every", [nan, 40.0])
+    with pytest.raises(ex.InputError, match="non-finite"):
+        ex.read_result(str(tmp_path / "every"))
+    _write_run(tmp_path / "inf", [float("inf"), 40.0], val_every=2)
+    with pytest.raises(ex.InputError, match="non-finite"):
+        ex.read_result(str(tmp_path / "inf"))
+    # fewer entries than epochs: not finished (resumed by the runner)
+    _write_run(tmp_path / "short", [nan, 40.0], val_every=2)
+    cfg_path = tmp_path / "short" / "run_config.json"
+    cfg_path.write_text('{"init_epoch": 0, "train_epoch": 5, "val_every": 2}')
+    assert ex.read_result(str(tmp_path / "short")) is None
