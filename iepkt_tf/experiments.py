@@ -17,7 +17,14 @@ Resuming: a run is finished when its folder holds ``log.mat`` with one ``validat
 epoch (``init_epoch + train_epoch`` of its ``run_config.json``; NaN for the epochs its
 ``--val_every`` does not validate, a number for the others) and ``train_params.mat``; finished
 runs are skipped, a run folder with ``ckpt/`` is continued with ``--resume``. So rerunning the same
-command after a crash or a kill (or ``--max_runs``) completes the grid. A run that fails (or exits
+command after a crash or a kill (or ``--max_runs``) completes the grid. A folder is skipped or
+resumed only if the command recorded in its ``console.log`` computes the same thing as this grid's
+(the flags that only place or report a run, ``NOT_RESULT_FLAGS``, aside): otherwise one line says
+so and nothing runs, and ``--force`` retrains such runs after renaming each folder
+``<folder>.replaced-<n>``. ``--extra`` is parsed with the training script's own flag definitions
+before any run. A run gets SIGTERM when its runner dies (even by SIGKILL: Linux's parent-death
+signal), so it stops with a checkpoint instead of training on unowned; the time of an invocation
+that was killed is recovered from its ``console.log`` by the next one. A run that fails (or exits
 without finishing) is reported in one line with its log; the other runs go on and the exit status is
 1 at the end. Bad flags, an unwritable ``--out_dir`` and damaged files in it (``grid.json``,
 ``results.csv``, a run's ``run_config.json``, ``log.mat``, ``train_params.mat`` header,
@@ -68,6 +75,8 @@ from __future__ import annotations
 
 import collections.abc
 import csv
+import ctypes
+import ctypes.util
 import glob
 import io
 import json
@@ -75,6 +84,7 @@ import math
 import os
 import re
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -307,6 +317,9 @@ def define_flags(fv):
                               "(comma-separated or repeated), e.g. --extra=--vis_every=0.",
                               flag_values=fv)
     flags.DEFINE_bool("dry_run", False, "Print the commands and exit.", flag_values=fv)
+    flags.DEFINE_bool("force", False, "Retrain the runs whose folder was made by another command "
+                      "(other --extra, --data_dir or preset flags): each such folder is first "
+                      "renamed <folder>.replaced-<n>, never deleted.", flag_values=fv)
     flags.DEFINE_integer("max_runs", 0, "Stop after this many runs of this invocation (skipped "
                          "runs do not count); 0 = all.", lower_bound=0, flag_values=fv)
     flags.DEFINE_bool("summarize_only", False, "Only rebuild results.csv/.md/.png of --out_dir.",
@@ -375,6 +388,40 @@ def parse_extra(values):
     return extra
 
 
+def _flag_name(flag):
+    return flag[2:].split("=", 1)[0]
+
+
+def check_extra(extra):
+    """Parse ``extra`` with train_w_distill.py's own flag definitions, so that a mistyped flag or a
+    bad value is one line before any run (not a failure of every run). absl's own flags
+    (``--verbosity``, ...) pass by name."""
+    if not extra:
+        return
+    from iepkt_tf.quiet import import_tensorflow
+
+    import_tensorflow([])  # the flag definitions import the methods, hence TensorFlow
+    from iepkt_tf import config  # imported here: only a grid with --extra needs it
+
+    fv = flags.FlagValues()
+    config.define_flags(fv)
+
+    def known(name):
+        base = name[2:] if name.startswith("no") else None
+        return name in fv or (base in fv and isinstance(fv[base], flags.BooleanFlag))
+    own = [f for f in extra if known(_flag_name(f))]
+    for f in extra:
+        if f not in own and _flag_name(f) not in flags.FLAGS:
+            suggestions = [n for n in fv if n.lower().startswith(_flag_name(f)[:4].lower())]
+            raise UsageError(f"--extra: {f} is not a flag of {TRAIN_SCRIPT}"
+                             + (f" (did you mean --{suggestions[0]}?)" if suggestions else "")
+                             + f"; see python {TRAIN_SCRIPT} --helpfull")
+    try:
+        fv([TRAIN_SCRIPT] + own)
+    except (flags.Error, ValueError) as e:  # absl: ValueError for "--noflag=value"
+        raise UsageError(f"--extra: {' '.join(str(e).split())}") from None
+
+
 def _preset(fv):
     if fv.preset is None:
         raise UsageError(f"--preset is required: one of {', '.join(PRESETS)}")
@@ -419,8 +466,10 @@ def grid_from_flags(fv):
             "rates": parse_rates(fv.rates) if fv.rates is not None else list(preset["rates"]),
             "seeds": parse_seeds(fv.seeds) if fv.seeds is not None else list(preset["seeds"]),
             "extra": parse_extra(fv.extra), "dry_run": fv.dry_run, "max_runs": fv.max_runs,
+            "force": fv.force,
             "data_dir": os.path.abspath(fv.data_dir) if fv.data_dir else None,
             "command": _command(fv)}
+    check_extra(grid["extra"])
     meta = read_meta(out)
     read_csv(os.path.join(out, "results.csv"))   # damaged: an error now, not after the runs
     family = preset.get("family", fv.preset)
@@ -596,23 +645,117 @@ def read_wall_time(run_dir):
     return _number(obj, "wall_s", path)
 
 
-def add_wall_time(run_dir, seconds):
-    """Add ``seconds`` to the run's ``run_time.json`` (summed over invocations). Called after a
-    run whatever happened, so a damaged file (checked before the run) counts as absent here."""
+def _run_time(run_dir):
+    """``run_time.json`` as a dict (a damaged one counts as absent: it was checked before the run)."""
     try:
-        previous = read_wall_time(run_dir) or 0.0
-        n = _number(read_json_object(os.path.join(run_dir, "run_time.json"), "{}"),
-                    "invocations", run_dir, int, 0)
+        obj = read_json_object(os.path.join(run_dir, "run_time.json"), "{}")
+        return {"wall_s": _number(obj, "wall_s", run_dir, float, 0.0),
+                "invocations": _number(obj, "invocations", run_dir, int, 0),
+                "running_since": obj.get("running_since")}
     except InputError:
-        previous, n = 0.0, 0
+        return {"wall_s": 0.0, "invocations": 0, "running_since": None}
+
+
+def begin_invocation(run_dir):
+    """Mark an invocation as running (``running_since``, wall clock). An invocation still marked
+    was killed with its runner: its time is recovered as the span from its start to the last
+    write of its ``console.log``, so the wall time of every invocation is kept."""
+    t = _run_time(run_dir)
+    since = t.pop("running_since")
+    if isinstance(since, (int, float)):
+        try:
+            last = os.path.getmtime(os.path.join(run_dir, "console.log"))
+        except OSError:
+            last = since
+        t["wall_s"] += max(0.0, last - since)
+        t["invocations"] += 1
+    write_json(os.path.join(run_dir, "run_time.json"), dict(t, running_since=time.time()))
+
+
+def add_wall_time(run_dir, seconds):
+    """End the running invocation: add ``seconds`` to the run's ``run_time.json`` (summed over
+    invocations). Called after a run whatever happened."""
+    t = _run_time(run_dir)
+    t.pop("running_since")
     write_json(os.path.join(run_dir, "run_time.json"),
-               {"wall_s": previous + seconds, "invocations": n + 1})
+               {"wall_s": t["wall_s"] + seconds, "invocations": t["invocations"] + 1})
+
+
+def _die_with_runner():
+    """``preexec_fn`` of a run: the kernel sends it SIGTERM when the runner dies (Linux
+    ``prctl(PR_SET_PDEATHSIG)``), so a killed runner leaves no orphan training; SIGTERM makes the
+    run stop after its step with a checkpoint, and the next invocation resumes it."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the run outlives a killed runner
+        return
+    if os.getppid() == 1:  # the runner died before the prctl
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def write_json(path, obj):
     with atomic_open(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=1, sort_keys=True)
         f.write("\n")
+
+
+# Flags that say where a run lives and how it is driven and reported, not what it computes
+# (config.HPARAMS_EXCLUDE, tested equal, plus the teacher's path and absl's verbosity).
+NOT_RESULT_FLAGS = ("train_dir", "data_dir", "resume", "stop_after", "log_every", "val_every",
+                    "keep_checkpoints", "vis_every", "vis_images", "vis_snapshots", "replicas",
+                    "teacher_params", "verbosity")
+
+
+def _what(flag_list):
+    return [f for f in flag_list if _flag_name(f) not in NOT_RESULT_FLAGS]
+
+
+def recorded_flags(run_dir):
+    """The flags of the last invocation in the run's ``console.log`` header lines, None without."""
+    try:
+        with open(os.path.join(run_dir, "console.log"), encoding="utf-8", errors="replace") as f:
+            heads = [ln for ln in f if ln.startswith("# ")]
+    except OSError:
+        return None
+    if not heads:
+        return None
+    try:
+        argv = shlex.split(heads[-1][2 + len("YYYY-mm-dd HH:MM:SS "):])
+    except ValueError:
+        return None
+    return argv[1:] if argv and argv[0] == TRAIN_SCRIPT else None
+
+
+def other_command(run):
+    """The first flag that differs between the run folder's recorded command and ``run``'s, or
+    None when they agree (or the folder has no recorded command yet)."""
+    old = recorded_flags(run["dir"])
+    if old is None:
+        return None
+    a, b = _what(old), _what(run["flags"])
+    if a == b:
+        return None
+    diff = [f for f in a if f not in b] + [f for f in b if f not in a]
+    return diff[0] if diff else "the order of the flags"
+
+
+def check_commands(grid, runs):
+    """Folders this grid would skip or resume must have been made by the same command: else one
+    line (rerun with --force, or another --out_dir); with --force they are set aside first."""
+    clashes = [(r, d) for r in runs for d in [other_command(r)] if d is not None]
+    if not clashes:
+        return
+    if not grid["force"]:
+        run, diff = clashes[0]
+        raise UsageError(f"{run['dir']} was made by another command ({diff} differs; {len(clashes)} "
+                         f"run folder(s) in all); rerun with --force to retrain them (the folders "
+                         f"are kept as <folder>.replaced-<n>) or choose another --out_dir")
+    for run, _ in clashes:
+        n = 1
+        while os.path.lexists(f"{run['dir']}.replaced-{n}"):
+            n += 1
+        os.rename(run["dir"], f"{run['dir']}.replaced-{n}")
 
 
 def run_argv(run, resume):
@@ -631,8 +774,10 @@ def execute(run, resume):
     with open(os.path.join(run["dir"], "console.log"), "a", encoding="utf-8") as log:
         log.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(argv[1:])}\n")
         log.flush()
+        begin_invocation(run["dir"])
         try:
-            rc = subprocess.call(argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+            rc = subprocess.call(argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                 preexec_fn=_die_with_runner)
         finally:
             add_wall_time(run["dir"], time.monotonic() - t0)
     return rc, time.monotonic() - t0
@@ -888,6 +1033,7 @@ def run_grid(grid, out=print):
     runs = plan_runs(grid)
     if grid["dry_run"]:
         return dry_run(grid, runs, out)
+    check_commands(grid, runs)
     update_meta(grid, runs)
     pending = [read_result(r["dir"]) is None for r in runs]
     n, done, failures, executed = len(runs), [], [], 0

@@ -5,6 +5,8 @@ stopped by --max_runs, and shared by the tests (module fixture). Whole file: abo
 CPU cores, nearly all of it the tiny training runs.
 """
 import csv
+import glob
+import json
 import os
 import re
 import shutil
@@ -429,3 +431,98 @@ def test_read_result_with_skipped_validations(tmp_path):
     cfg_path = tmp_path / "short" / "run_config.json"
     cfg_path.write_text('{"init_epoch": 0, "train_epoch": 5, "val_every": 2}')
     assert ex.read_result(str(tmp_path / "short")) is None
+
+
+# ------------------------------------------------------------------ runs that must not be lost
+
+def test_a_bad_extra_flag_is_one_line_before_any_run(tmp_path):
+    for extra, expect in (("--Distilation=KD", "is not a flag of train_w_distill.py (did you mean "
+                                               "--Distillation?)"),
+                          ("--batch_size=abc", "--extra:"), ("--nokd_t_squared=1", "--extra:")):
+        out = tmp_path / extra.strip("-").split("=")[0]
+        res = cli("--preset=tiny", f"--out_dir={out}", f"--extra={extra}")
+        assert res.returncode == 2, res.stdout + res.stderr
+        lines = res.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("experiments: error: --extra") and expect in lines[0], lines
+        assert not any(p.is_dir() for p in out.glob("*")) if out.exists() else True
+    ok = cli("--preset=tiny", f"--out_dir={tmp_path / 'ok'}", "--extra=--nokd_t_squared",
+             "--extra=--verbosity=0", "--dry_run")
+    assert ok.returncode == 0, ok.stderr
+
+
+def test_not_result_flags_are_the_configs_reporting_flags():
+    from iepkt_tf import config
+
+    assert set(ex.NOT_RESULT_FLAGS) == set(config.HPARAMS_EXCLUDE) | {"teacher_params", "verbosity"}
+
+
+def test_a_folder_made_by_another_command_is_refused_then_set_aside_with_force(tmp_path):
+    out = str(tmp_path / "grid")
+    args = ["--preset=tiny", "--variants=None", "--rates=0.5", "--seeds=0", f"--out_dir={out}"]
+    first = cli(*args, "--extra=--learning_rate=0.05")
+    assert first.returncode == 0, first.stdout + first.stderr
+    run_dir = os.path.join(out, "None", "r0.5_s0")
+    before = {p: open(p, "rb").read() for p in glob.glob(os.path.join(out, "**", "*.mat"), recursive=True)}
+    again = cli(*args, "--extra=--learning_rate=0.07")
+    assert again.returncode == 2
+    line = again.stderr.strip().splitlines()
+    assert len(line) == 1 and "was made by another command (--learning_rate=0.05 differs" in line[0], line
+    assert "--force" in line[0] and "skipped" not in again.stdout
+    assert {p: open(p, "rb").read() for p in before} == before
+    same = cli(*args, "--extra=--learning_rate=0.05", "--extra=--log_every=7")  # reporting only
+    assert same.returncode == 0 and "(skipped, finished" in same.stdout, same.stdout + same.stderr
+    forced = cli(*args, "--extra=--learning_rate=0.07", "--force")
+    assert forced.returncode == 0, forced.stdout + forced.stderr
+    kept = run_dir + ".replaced-1"
+    assert open(os.path.join(kept, "train_params.mat"), "rb").read() == \
+        before[os.path.join(run_dir, "train_params.mat")]
+    assert "--learning_rate=0.07" in open(os.path.join(run_dir, "console.log")).read()
+
+
+def _pids_with(text):
+    out = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if text.encode() in f.read():
+                        out.append(int(pid))
+            except OSError:
+                pass
+    return out
+
+
+def test_a_killed_runner_stops_its_run_and_keeps_its_wall_time(tmp_path):
+    import signal
+    import time
+
+    out = str(tmp_path / "grid")
+    proc = subprocess.Popen([sys.executable, "-m", "iepkt_tf.experiments", "--preset=tiny",
+                             "--variants=None", "--rates=0.5", "--seeds=0", f"--out_dir={out}",
+                             "--extra=--train_epoch=200"], cwd=REPO, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = os.path.join(out, "teacher", "console.log")
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if os.path.isfile(log) and "Epoch 001" in open(log).read():
+                break
+            time.sleep(1)
+        else:
+            pytest.fail("the teacher run did not start within 300 s")
+        child = [p for p in _pids_with(os.path.join(out, "teacher")) if p != proc.pid]
+        assert child, "no training process found"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 120
+        while _pids_with(os.path.join(out, "teacher")) and time.monotonic() < deadline:
+            time.sleep(1)
+        assert not _pids_with(os.path.join(out, "teacher")), "the run outlived its runner"
+    finally:
+        for p in _pids_with(out):
+            os.kill(p, signal.SIGKILL)
+    text = open(log).read()
+    assert "Stopped by SIGTERM" in text, text[-500:]
+    ex.begin_invocation(os.path.join(out, "teacher"))  # the next invocation recovers its time
+    t = json.load(open(os.path.join(out, "teacher", "run_time.json")))
+    assert t["invocations"] == 1 and t["wall_s"] > 1.0 and "running_since" in t
