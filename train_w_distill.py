@@ -10,7 +10,8 @@ weight decay 5e-4, 100 epochs; a method with an initial phase (IEP: 20 epochs th
 distillation module) runs it first. At the end ``train_params.mat`` (every TF1-named variable of
 ``--main_scope``) and ``log.mat`` (``training_acc``, ``validation_acc`` per epoch) are written,
 TensorBoard events go to ``--train_dir`` and a checkpoint is kept per epoch (``--resume``
-continues a run exactly; SIGTERM/SIGINT stop after the current step with a checkpoint).
+continues a run exactly; SIGTERM/SIGINT/SIGHUP stop after the current step with a checkpoint;
+one training at a time per ``--train_dir``).
 ``python train_w_distill.py --helpfull`` documents every flag, each method's own included.
 
 The flags live in :mod:`iepkt_tf.config`, the methods in :mod:`iepkt_tf.distillers`, the loop in
@@ -48,8 +49,35 @@ def main(argv):
         print(f"train_w_distill.py: error: {e}", file=sys.stderr)
         return 1
     if result.get("signal"):
-        return 128 + int(getattr(signal, result["signal"]))  # the shell's convention (143, 130)
+        return 128 + int(getattr(signal, result["signal"]))  # the shell's: 143, 130, 129
     return 0
+
+
+HELP = ("h", "?", "help", "helpshort", "helpfull")  # as -NAME or --NAME
+
+
+def parse_flags(argv):
+    """absl's flag parsing with the project's command-line boundary (``iepkt_tf.cli``): a bad flag,
+    value or ``--flagfile`` is one line ``train_w_distill.py: error: ...`` with exit status 2 (absl
+    prints two lines and exits 1); ``--help`` lists the script's flags and ``--helpfull`` every
+    flag (absl's included), both with exit status 0."""
+    from iepkt_tf import config
+    from iepkt_tf.mat_io import one_line
+
+    asked = [a.lstrip("-") for a in argv[1:] if a.startswith("-") and a.lstrip("-") in HELP]
+    if asked:
+        text = (FLAGS.get_help() if "helpfull" in asked else
+                FLAGS.module_help(config) + "\n\nTry --helpfull to get a list of all flags.")
+        print(__doc__.strip() + "\n\nflags:\n" + text)
+        sys.exit(0)
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:
+        message = one_line(e)
+        if isinstance(e, flags.CantOpenFlagFileError):  # "ERROR:: Unable to open flagfile: ..."
+            message = "--flagfile: " + message.split("ERROR::", 1)[-1].strip()
+        print(f"train_w_distill.py: error: {message}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":
@@ -59,4 +87,4 @@ if __name__ == "__main__":
     from iepkt_tf.config import define_flags
 
     define_flags()
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -151,9 +151,15 @@ FLAG_NAMES = tuple(spec[1] for spec in ALL_SPECS)
 FLAG_DEFAULTS = {spec[1]: spec[2] for spec in ALL_SPECS}
 ENUMS = {spec[1]: tuple(spec[4]) for spec in ALL_SPECS if spec[0] == "enum"}
 
-# Settings that must not change when a run is resumed (they define the run's state and data).
+# Settings that must not change when a run is resumed: everything that defines the run's state,
+# data or result (the schedule follows from learning_rate, init_epoch and train_epoch; every
+# method flag). Not in the list: where and how it is stored or reported (train_dir, data_dir,
+# log/val/vis/keep settings) and the device settings (precision, jit, deterministic, distribute,
+# replicas, sync_bn, batch_graph), which a run may change when it moves to another machine (a
+# mirrored --sync_bn run continues on one device, tests/test_distribute.py).
 RESUME_KEYS = ("Distillation", "dataset", "main_scope", "student_arch", "teacher_arch",
                "sample_rate", "batch_size", "seed", "init_epoch", "train_epoch",
+               "learning_rate", "weight_decay",
                "synthetic_classes", "synthetic_train_per_class", "synthetic_test_per_class",
                "synthetic_image_size") + tuple(spec[1] for spec in METHOD_FLAG_SPECS)
 

@@ -5,8 +5,10 @@ logging and the final ``train_params.mat`` / ``log.mat``.
 ``run(cfg)`` trains as configured by :mod:`iepkt_tf.config`. An epoch is one pass over a fresh
 permutation of the training set (order from ``(--seed, epoch)``, incomplete last batch dropped);
 the epochs of the method's initial phase come first; validation after every epoch (or every
-``--val_every``-th, below); a checkpoint after every epoch and, on SIGTERM/SIGINT, after the step
-that was running (``--resume`` continues either exactly, see :mod:`iepkt_tf.checkpoints`).
+``--val_every``-th, below); a checkpoint after every epoch and, on SIGTERM/SIGINT/SIGHUP, after the
+step that was running (``--resume`` continues either exactly, see :mod:`iepkt_tf.checkpoints`).
+One training at a time per ``--train_dir`` (:class:`RunLock`); every parameter and statistic is
+checked finite after each epoch, before its checkpoint (:func:`check_finite`).
 
 Differences from the authors' loop (documented choices):
 * An epoch is one pass over a fresh permutation of the training set (the order depends only on
@@ -54,6 +56,31 @@ class NonFiniteLossError(RuntimeError):
     """Training produced a non-finite loss; the run stopped without writing a checkpoint."""
 
 
+class NonFiniteParamsError(NonFiniteLossError):
+    """A parameter or statistic of the network or the method became non-finite (the losses may be
+    finite, e.g. an overflowed batch-norm moving variance); the run stopped without writing a
+    checkpoint or a ``.mat``."""
+
+
+def check_finite(named, where, checkpoint=None):
+    """A NonFiniteParamsError naming the first variable of ``named`` (``{name: variable}``, in
+    order) holding a NaN or Inf, ``where`` it was found and the last good checkpoint. One
+    reduction per floating variable on its device, fetched once."""
+    import numpy as np
+    import tensorflow as tf
+
+    floats = [(k, v) for k, v in named.items() if tf.as_dtype(v.dtype).is_floating]
+    if not floats:
+        return
+    ok = tf.stack([tf.reduce_all(tf.math.is_finite(tf.convert_to_tensor(v)))
+                   for _, v in floats]).numpy()
+    if not np.all(ok):
+        name = floats[int(np.argmin(ok))][0]
+        tail = f"stopped, last good checkpoint: {checkpoint or 'none (no epoch finished)'}"
+        raise NonFiniteParamsError(f"non-finite values in {name} {where} (the training diverged; "
+                                   f"try a lower --learning_rate); {tail}")
+
+
 def run(cfg, epoch_hook=None):
     """Train as configured by ``cfg`` (``config.make_config(...)`` or the parsed flags).
 
@@ -62,8 +89,10 @@ def run(cfg, epoch_hook=None):
     ``network``, ``teacher``, ``distiller`` (the method's layer drawn in panels, IEP's), ``method``
     and ``optimizer``. Returns a dict with the output paths, the per-epoch logs and whether the run
     stopped early (``--stop_after``, or ``signal``: the name of the signal that stopped it).
-    Raises ConfigError, DatasetNotFoundError, ParamsMismatchError, CheckpointError or
-    NonFiniteLossError.
+    Raises ConfigError (also when another training holds ``--train_dir``, :class:`RunLock`),
+    DatasetNotFoundError, ParamsMismatchError, CheckpointError or NonFiniteLossError (its
+    subclass NonFiniteParamsError when a parameter or statistic became non-finite: checked after
+    every epoch, before its checkpoint, and before ``train_params.mat``).
     """
     import keras
 
@@ -186,11 +215,12 @@ def make_steps(cfg, method, network, teacher, optimizer, loss_scale, replicas=No
 
 # ---------------------------------------------------------------------------------- stopping
 class StopSignals:
-    """SIGTERM/SIGINT during training set ``self.name``; the loop stops after the current step
-    with a checkpoint. A second signal of the same kind ends the process at once (Python's
-    default behaviour). Installed only in the main thread."""
+    """SIGTERM/SIGINT/SIGHUP (a closed terminal or ssh session) during training set ``self.name``;
+    the loop stops after the current step with a checkpoint. A second signal of the same kind ends
+    the process at once (the behaviour the process had before). Installed only in the main
+    thread."""
 
-    SIGNALS = ("SIGTERM", "SIGINT")
+    SIGNALS = tuple(n for n in ("SIGTERM", "SIGINT", "SIGHUP") if hasattr(signal, n))
 
     def __init__(self):
         self.name, self._before = None, {}
@@ -324,15 +354,25 @@ def _build(run):
 
 
 def _run(cfg, epoch_hook):
+    strategy, replicas, chief = make_strategy(cfg)  # before any op: it may make logical devices
+    lock = None
+    if chief:
+        _make_train_dir(cfg.train_dir)
+        lock = RunLock(cfg.train_dir)  # before anything is written in the folder
+    try:
+        return _run_locked(cfg, epoch_hook, strategy, replicas, chief)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_locked(cfg, epoch_hook, strategy, replicas, chief):
     import keras
     import tensorflow as tf
 
     from iepkt_tf.checkpoints import on_disk
     from op_util.distribute import barrier
 
-    strategy, replicas, chief = make_strategy(cfg)  # before any op: it may make logical devices
-    if chief:
-        _make_train_dir(cfg.train_dir)
     ckpt_dir = os.path.join(cfg.train_dir, "ckpt")
     config_path = os.path.join(cfg.train_dir, "run_config.json")
     previous = on_disk(ckpt_dir)
@@ -369,6 +409,60 @@ def _run(cfg, epoch_hook):
     result = stopped if stopped is not None else _finish(run)
     barrier(run.strategy)
     return result
+
+
+class RunLock:
+    """One training per ``--train_dir``: an exclusive ``fcntl.flock`` on ``train_dir/.lock`` (the
+    kernel releases it when the process ends, however it ends, so a killed run never blocks the
+    next ``--resume``). The file holds the owner's ``{"pid", "host", "started"}`` for the message
+    of a second run, which is refused with a ConfigError before it writes anything."""
+
+    NAME = ".lock"
+
+    def __init__(self, train_dir):
+        import fcntl
+        import json
+        import socket
+
+        self.path = os.path.join(train_dir, self.NAME)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            raise ConfigError(f"--train_dir {train_dir}: cannot create the lock file {self.path} "
+                              f"({e.strerror or e})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = _lock_holder(fd)
+            os.close(fd)
+            raise ConfigError(f"--train_dir {train_dir} is in use by another training ({holder}; "
+                              f"lock {self.path}); wait for it to end or choose another "
+                              f"--train_dir") from None
+        self.fd = fd
+        owner = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, owner.encode() + b"\n", 0)
+
+    def release(self):
+        import fcntl
+
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+
+def _lock_holder(fd):
+    """``pid N on HOST since TIME`` from a lock file's JSON (its owner may not have written it
+    yet)."""
+    import json
+
+    try:
+        owner = json.loads(os.pread(fd, 4096, 0).decode() or "null")
+        return f"pid {int(owner['pid'])} on {owner['host']} since {owner['started']}"
+    except (OSError, ValueError, TypeError, KeyError):
+        return "pid unknown: the owner is starting"
 
 
 def _make_train_dir(train_dir):
@@ -453,11 +547,13 @@ def _epochs(run, start, stop, epoch_hook, state):
             _reset_student_momentum(run)
         accs = accs if epoch == first_epoch else []
         if _train_epoch(run, epoch, begin, accs, lr, warm, stop):
+            _check_state(run, f"at step {epoch * run.data.spe + run.batches_done} (epoch {epoch})")
             path = _save(run, epoch, run.batches_done, accs)
             return _stopped(run, epoch, logs, path, signal_name=stop.name)
         train_acc, val_acc = _validate(run, epoch, accs)
         logs[epoch] = (train_acc, val_acc)   # val_acc is NaN when --val_every skips the epoch
         run.logs_var.assign(logs)
+        _check_state(run, f"after epoch {epoch}")  # before the checkpoint and any .mat
         _save(run, epoch, run.data.spe, [])
         epochs_run += 1
         if run.frames is not None and vis_due(cfg, epoch, run.total_epoch):
@@ -472,6 +568,15 @@ def _epochs(run, start, stop, epoch_hook, state):
                   f"(checkpoint {run.last_checkpoint})", flush=True)
             return _stopped(run, epoch + 1, logs, run.last_checkpoint)
     return None
+
+
+def _check_state(run, where):
+    """Every variable of the network (BN statistics included), of the method and the optimiser's
+    momentum (all a checkpoint holds) is finite."""
+    named = dict(run.network.tf1_variables())
+    named.update(run.method.state_variables())
+    named.update(getattr(run.optimizer, "slots", {}))
+    check_finite(named, where, run.last_checkpoint)
 
 
 def _reset_student_momentum(run):
@@ -594,6 +699,7 @@ def _finish(run):
         print("Finished training (this worker writes nothing; the chief writes the outputs)", flush=True)
         return {"stopped": False, "train_dir": cfg.train_dir, "chief": False, "epochs_done": done,
                 "logs": log}
+    _check_state(run, "before writing train_params.mat")
     save_mat(params_path, collect_params(run.network.tf1_variables(), scope=cfg.main_scope))
     save_mat(log_path, log)
     print("Finished training!", flush=True)

@@ -1,6 +1,6 @@
-"""A damaged latest checkpoint falls back to the previous one, SIGTERM/SIGINT stop after the current
-step with a checkpoint, and either way ``--resume`` reaches the uninterrupted run's parameters bit
-for bit. Tiny network, 16x16 synthetic images, float32."""
+"""A damaged latest checkpoint falls back to the previous one, SIGTERM/SIGINT/SIGHUP stop after the
+current step with a checkpoint, and either way ``--resume`` reaches the uninterrupted run's
+parameters bit for bit. Tiny network, 16x16 synthetic images, float32."""
 import os
 import select
 import signal
@@ -112,7 +112,7 @@ def test_no_readable_checkpoint_is_a_one_line_error(tmp_path):
     assert "Traceback" not in cli.stderr
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_signal_stops_after_the_step_and_resume_is_exact(tmp_path, full, sig):
     train_dir = str(tmp_path / "run")
     argv = [sys.executable, "train_w_distill.py", f"--train_dir={train_dir}",

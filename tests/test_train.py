@@ -270,9 +270,13 @@ def test_teacher_params_must_match_teacher_arch(teacher_run, tmp_path):
                                 teacher_params=str(tmp_path / "nope.mat"), **base))
 
 
-def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     train_dir = str(tmp_path)
     trainer.run(config.make_config(train_dir=train_dir, stop_after=1, **RESUME))
+    # --resume refuses another --learning_rate (tests/test_run_safety.py); allow it here only, to
+    # make the second epoch diverge after a good checkpoint
+    monkeypatch.setattr(config, "RESUME_KEYS", tuple(k for k in config.RESUME_KEYS
+                                                     if k != "learning_rate"))
     ckpt_dir = os.path.join(train_dir, "ckpt")
     before = {p: open(p, "rb").read() for p in glob.glob(os.path.join(ckpt_dir, "*"))}
     with pytest.raises(trainer.NonFiniteLossError, match=r"non-finite .* at step \d+ \(epoch 1\)") as err:
@@ -321,7 +325,8 @@ def _cli(*args, timeout=120, env=None):
 
 
 def test_cli_help_and_errors(tmp_path):
-    out = _cli("--helpfull")  # absl prints the help and exits (status 1)
+    out = _cli("--helpfull")  # every flag, absl's included; exit status 0
+    assert out.returncode == 0, out.stderr
     for name in config.FLAG_NAMES:
         assert f"--{name}" in out.stdout or f"--[no]{name}" in out.stdout, name
     bad = _cli("--dataset", "foo", "--train_dir", str(tmp_path))
