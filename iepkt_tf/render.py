@@ -1,4 +1,4 @@
-"""Image panels for the interpretable embedding procedure (NumPy + tf.io only, no plotting library).
+"""Image panels for the interpretable embedding procedure (NumPy drawing; matplotlib's viridis, Pillow's GIF).
 
 The paper (Sec. "Interpretability", and the authors' README GIFs of a WRN-40-4 on CIFAR-10) shows, per
 sensing point, the images laid out at the first two stacked-PCA components: clustered by colour and edges
@@ -7,7 +7,7 @@ early, spreading in the middle, grouped by class at the end. This module draws t
 * :func:`embedding_panel`  - every image as a framed thumbnail at its 2-D embedding position;
 * :func:`graph_panel`      - the strongest edges of a (cosine-similarity) graph over the point map;
 * :func:`heatmap_panel`    - affinity matrices side by side, rows/columns in class order;
-* :func:`write_gif`, :func:`write_png` - atomic writers (GIF89a with its own LZW encoder; PNG via tf.io).
+* :func:`write_gif`, :func:`write_png` - atomic writers (GIF via Pillow; PNG via tf.io).
 
 Every panel function returns ``(image uint8 [H, W, 3], geometry)``; the geometry (pixel centres or
 heat-map boxes) is what was drawn, so callers and tests can find things in the picture.
@@ -20,6 +20,9 @@ categorical colours, then golden-angle hues for label >= 20).
 from __future__ import annotations
 
 import colorsys
+import io
+
+import matplotlib
 import numpy as np
 
 from iepkt_tf.atomic import write_bytes
@@ -49,12 +52,9 @@ def class_colors(num):
 
 PALETTE = class_colors(100)
 
-# viridis-like colour map: 9 anchors of matplotlib's viridis, linearly interpolated to 256 entries.
-_VIRIDIS_ANCHORS = np.array([
-    (68, 1, 84), (71, 44, 122), (59, 81, 139), (44, 113, 142), (33, 144, 141),
-    (39, 173, 129), (92, 200, 99), (170, 220, 50), (253, 231, 37)], dtype=np.float64)
-VIRIDIS = np.stack([np.interp(np.linspace(0, 1, 256), np.linspace(0, 1, len(_VIRIDIS_ANCHORS)),
-                              _VIRIDIS_ANCHORS[:, c]) for c in range(3)], -1).round().astype(np.uint8)
+# matplotlib's viridis, 256 entries (the heat-maps' colour map)
+VIRIDIS = (np.asarray(matplotlib.colormaps["viridis"](np.linspace(0.0, 1.0, 256)))[:, :3] * 255
+           ).round().astype(np.uint8)
 
 # A 5x7 bitmap font: one string per glyph, 7 rows of 5 pixels, top row first.
 _FONT_ROWS = {
@@ -430,155 +430,39 @@ def write_png(path, image):
     write_bytes(path, tf.io.encode_png(image).numpy())
 
 
-def _pack(pixels):
-    p = pixels.reshape(-1, 3).astype(np.int64)
-    return (p[:, 0] << 16) | (p[:, 1] << 8) | p[:, 2]
-
-
-def _unpack(codes):
-    return np.stack([(codes >> 16) & 255, (codes >> 8) & 255, codes & 255], -1)
-
-
-def _median_cut(pixels, n):
-    """Median-cut palette (<= n colours) of ``pixels`` [M, 3]: repeatedly split the box with the
-    largest count x variance along its widest channel at that channel's median."""
-    boxes = [pixels.astype(np.float64)]
-
-    def score(b):
-        if len(b) < 2:
-            return 0.0, 0
-        var = b.var(0)
-        ch = int(np.argmax(var))
-        return float(var[ch] * len(b)), ch
-
-    scores = [score(boxes[0])]
-    while len(boxes) < n:
-        k = int(np.argmax([s for s, _ in scores]))
-        if scores[k][0] <= 0:
-            break
-        b, ch = boxes.pop(k), scores.pop(k)[1]
-        b = b[np.argsort(b[:, ch], kind="stable")]
-        half = len(b) // 2
-        for part in (b[:half], b[half:]):
-            boxes.append(part)
-            scores.append(score(part))
-    return np.clip(np.round([b.mean(0) for b in boxes]), 0, 255).astype(np.uint8)
-
-
-def gif_palette(frames, max_colors=256, sample=200_000, seed=0):
-    """One global palette for ``frames`` -> ``(palette [K, 3] uint8, exact)``: the frames' own
-    colours when there are <= ``max_colors`` (``exact``), otherwise a median cut of a seeded pixel
-    sample (so all frames share one palette)."""
-    seen = set()
-    for f in frames:
-        seen.update(np.unique(_pack(f)).tolist())
-        if len(seen) > max_colors:
-            break
-    if len(seen) <= max_colors:
-        return _unpack(np.array(sorted(seen), dtype=np.int64)).astype(np.uint8), True
-    flat = frames.reshape(-1, 3)
-    idx = np.random.default_rng(seed).choice(flat.shape[0], min(sample, flat.shape[0]), replace=False)
-    return _median_cut(flat[idx], max_colors), False
-
-
-def _quantizer(palette, exact):
-    """``frame -> palette indices``: exact look-up of the packed colour when the palette holds
-    every colour, else the nearest palette entry (squared RGB distance) of the pixel's 6-bit-per-
-    channel cell centre, from a 2^18-entry table computed once."""
-    if exact:
-        codes = _pack(palette)
-        return lambda frame: np.searchsorted(codes, _pack(frame)).astype(np.uint8)
-    cells = np.arange(1 << 18)
-    centres = np.stack([(cells >> 12) & 63, (cells >> 6) & 63, cells & 63], -1) * 4.0 + 1.5
-    pal = palette.astype(np.float64)
-    norms = (pal ** 2).sum(-1)
-    table = np.empty(len(cells), dtype=np.uint8)
-    for s in range(0, len(cells), 1 << 15):
-        table[s:s + (1 << 15)] = np.argmin(norms[None] - 2.0 * centres[s:s + (1 << 15)] @ pal.T, 1)
-
-    def quantize(frame):
-        p = frame.reshape(-1, 3).astype(np.int64) >> 2
-        return table[(p[:, 0] << 12) | (p[:, 1] << 6) | p[:, 2]]
-    return quantize
-
-
-def _lzw_encode(indices, min_code_size=8):
-    """GIF variable-width LZW (clear code first, table reset when it reaches 4095 codes)."""
-    clear, eoi = 1 << min_code_size, (1 << min_code_size) + 1
-    out = bytearray()
-    state = {"acc": 0, "nbits": 0, "bits": min_code_size + 1, "next": eoi + 1}
-
-    def emit(code):
-        state["acc"] |= code << state["nbits"]
-        state["nbits"] += state["bits"]
-        while state["nbits"] >= 8:
-            out.append(state["acc"] & 255)
-            state["acc"] >>= 8
-            state["nbits"] -= 8
-        # the decoder widens its codes once the next free code no longer fits (GIF: no early change)
-        if state["next"] >= (1 << state["bits"]) and state["bits"] < 12:
-            state["bits"] += 1
-
-    table = {}
-    emit(clear)
-    seq = indices.tolist()
-    prefix = seq[0]
-    for k in seq[1:]:
-        key = (prefix << 8) | k
-        code = table.get(key)
-        if code is not None:
-            prefix = code
-            continue
-        emit(prefix)
-        prefix = k
-        if state["next"] >= 4095:
-            emit(clear)
-            table.clear()
-            state["next"], state["bits"] = eoi + 1, min_code_size + 1
-        else:
-            table[key] = state["next"]
-            state["next"] += 1
-    emit(prefix)
-    emit(eoi)
-    if state["nbits"]:
-        out.append(state["acc"] & 255)
-    return bytes(out)
-
-
-def _sub_blocks(data):
-    out = bytearray()
-    for s in range(0, len(data), 255):
-        chunk = data[s:s + 255]
-        out.append(len(chunk))
-        out += chunk
-    out.append(0)
-    return bytes(out)
-
-
 def encode_gif(frames, duration_ms=500, loop=0):
-    """GIF89a bytes for uint8 ``frames`` [T, H, W, 3]: one global 256-entry palette
-    (:func:`gif_palette`), full-frame images, ``duration_ms`` per frame, ``loop`` (0 = forever)."""
+    """GIF bytes for uint8 ``frames`` [T, H, W, 3] through Pillow: one palette shared by every
+    frame (their own colours when at most 256, else Pillow's fast octree over all of them: measured
+mean error 11 of 255 on uniform noise), no dithering,
+    full frames, ``duration_ms`` per frame, ``loop`` (0 = forever). Pillow merges identical
+    consecutive frames into one (their durations summed)."""
+    from PIL import Image  # Pillow: a dependency of matplotlib, pinned in requirements.txt
+
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or frames.shape[0] < 1:
         raise ValueError(f"frames must be uint8 [T>=1, H, W, 3], got {frames.dtype} {frames.shape}")
     t, h, w, _ = frames.shape
     if h > 65535 or w > 65535:
         raise ValueError(f"GIF frames must be at most 65535 pixels a side, got {h}x{w}")
-    palette, exact = gif_palette(frames)
-    quantize = _quantizer(palette, exact)
-    table = np.zeros((256, 3), dtype=np.uint8)
-    table[:len(palette)] = palette
-    delay = max(0, int(round(duration_ms / 10.0)))
-    out = bytearray(b"GIF89a")
-    out += np.array([w, h], dtype="<u2").tobytes() + bytes([0xF7, 0, 0])
-    out += table.tobytes()
-    out += b"\x21\xFF\x0BNETSCAPE2.0\x03\x01" + np.array([loop], dtype="<u2").tobytes() + b"\x00"
-    for f in frames:
-        out += b"\x21\xF9\x04\x04" + np.array([delay], dtype="<u2").tobytes() + b"\x00\x00"
-        out += b"\x2C" + np.array([0, 0, w, h], dtype="<u2").tobytes() + b"\x00"
-        out += bytes([8]) + _sub_blocks(_lzw_encode(quantize(f)))
-    out += b"\x3B"
-    return bytes(out)
+    rgb = frames.astype(np.int64)
+    packed = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
+    colours, index = np.unique(packed, return_inverse=True)
+    if len(colours) <= 256:  # every colour in the palette: lossless
+        table = np.stack([colours >> 16, (colours >> 8) & 255, colours & 255], 1).astype(np.uint8)
+        index = index.reshape(t, h, w).astype(np.uint8)
+        images = []
+        for i in index:
+            image = Image.frombytes("P", (w, h), i.tobytes())
+            image.putpalette(table.ravel().tolist())
+            images.append(image)
+    else:
+        strip = Image.fromarray(frames.reshape(t * h, w, 3))
+        palette = strip.quantize(colors=256, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE)
+        images = [Image.fromarray(f).quantize(palette=palette, dither=Image.Dither.NONE) for f in frames]
+    buf = io.BytesIO()
+    images[0].save(buf, format="GIF", save_all=True, append_images=images[1:], duration=duration_ms,
+                   loop=loop, optimize=False, disposal=1)
+    return buf.getvalue()
 
 
 def write_gif(path, frames, duration_ms=500, loop=0):
