@@ -37,7 +37,7 @@ def main(argv):
     from iepkt_tf.checkpoints import CheckpointError
     from iepkt_tf.config import ConfigError, config_from_flags
     from iepkt_tf.mat_io import MatFileError, ParamsMismatchError, one_line
-    from iepkt_tf.trainer import NonFiniteLossError, run
+    from iepkt_tf.trainer import NonFiniteLossError, WriteError, run
 
     try:
         result = run(config_from_flags())
@@ -48,6 +48,9 @@ def main(argv):
     except NonFiniteLossError as e:
         print(f"train_w_distill.py: error: {e}", file=sys.stderr)
         return 1
+    except WriteError as e:  # the environment (disk full, permissions), not the input: exit 3
+        print(f"train_w_distill.py: error: {e}", file=sys.stderr)
+        return 3
     if result.get("signal"):
         return 128 + int(getattr(signal, result["signal"]))  # the shell's: 143, 130, 129
     return 0

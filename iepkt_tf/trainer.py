@@ -62,6 +62,47 @@ class NonFiniteParamsError(NonFiniteLossError):
     checkpoint or a ``.mat``."""
 
 
+class WriteError(RuntimeError):
+    """An output could not be written (disk full, permissions, a read-only file system): a failure
+    of the environment, not of the input. What was written before is intact and the partial file
+    removed, so ``--resume`` continues once there is room."""
+
+
+def _reason(e):
+    """``No space left on device`` from an OSError or a TensorFlow error (first line)."""
+    import tensorflow as tf
+
+    if isinstance(e, tf.errors.OpError):
+        return " ".join(str(e.message).split())[:200]
+    return e.strerror or str(e)
+
+
+def writing(what, fn, *args, cleanup=None):
+    """``fn(*args)``, an OSError or TensorFlow error turned into one :class:`WriteError`
+    ``cannot write <what>: <reason>`` after ``cleanup()`` removed the partial output."""
+    import tensorflow as tf
+
+    try:
+        return fn(*args)
+    except (OSError, tf.errors.OpError) as e:
+        if cleanup is not None:
+            cleanup()
+        raise WriteError(f"cannot write {what}: {_reason(e)}") from None
+
+
+def remove_litter(train_dir):
+    """Partial outputs of an earlier invocation that was killed or ran out of room: checkpoint
+    temporaries (``ckpt/ckpt-N_temp*``) and the hidden temporaries of atomic writes
+    (``.<name>.*.tmp``). Called with the run folder's lock held."""
+    import glob
+    import shutil
+
+    for path in glob.glob(os.path.join(train_dir, "ckpt", "*_temp*")):
+        shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.unlink(path)
+    for path in glob.glob(os.path.join(train_dir, ".*.tmp")):
+        os.unlink(path)
+
+
 def check_finite(named, where, checkpoint=None):
     """A NonFiniteParamsError naming the first variable of ``named`` (``{name: variable}``, in
     order) holding a NaN or Inf, ``where`` it was found and the last good checkpoint. One
@@ -92,7 +133,8 @@ def run(cfg, epoch_hook=None):
     Raises ConfigError (also when another training holds ``--train_dir``, :class:`RunLock`),
     DatasetNotFoundError, ParamsMismatchError, CheckpointError or NonFiniteLossError (its
     subclass NonFiniteParamsError when a parameter or statistic became non-finite: checked after
-    every epoch, before its checkpoint, and before ``train_params.mat``).
+    every epoch, before its checkpoint, and before ``train_params.mat``) or WriteError (a
+    checkpoint, ``run_config.json`` or ``.mat`` could not be written: disk full, permissions).
     """
     import keras
 
@@ -359,6 +401,7 @@ def _run(cfg, epoch_hook):
     if chief:
         _make_train_dir(cfg.train_dir)
         lock = RunLock(cfg.train_dir)  # before anything is written in the folder
+        remove_litter(cfg.train_dir)
     try:
         return _run_locked(cfg, epoch_hook, strategy, replicas, chief)
     finally:
@@ -509,7 +552,7 @@ def _checkpointing(run, config_path):
     if cfg.resume:
         print(f"--resume: no checkpoint in {run.ckpt_dir}, starting from scratch", flush=True)
     if run.chief:
-        write_run_config(config_path, cfg)
+        writing(config_path, write_run_config, config_path, cfg)
     return 0, 0
 
 
@@ -524,7 +567,9 @@ def _save(run, epoch, step_in_epoch, accs):
     run.epoch_var.assign(epoch if step_in_epoch < spe else epoch + 1)
     run.step_var.assign(step_in_epoch if step_in_epoch < spe else 0)
     if run.chief:  # the other workers hold the same state and write nothing
-        run.last_checkpoint = run.manager.save(checkpoint_number=done)
+        target = os.path.join(run.ckpt_dir, f"ckpt-{done}")
+        run.last_checkpoint = writing(f"the checkpoint {target}", run.manager.save, done,
+                                      cleanup=lambda: remove_litter(os.path.dirname(run.ckpt_dir)))
     return run.last_checkpoint
 
 
@@ -700,8 +745,9 @@ def _finish(run):
         return {"stopped": False, "train_dir": cfg.train_dir, "chief": False, "epochs_done": done,
                 "logs": log}
     _check_state(run, "before writing train_params.mat")
-    save_mat(params_path, collect_params(run.network.tf1_variables(), scope=cfg.main_scope))
-    save_mat(log_path, log)
+    writing(params_path, save_mat, params_path,
+            collect_params(run.network.tf1_variables(), scope=cfg.main_scope))
+    writing(log_path, save_mat, log_path, log)
     print("Finished training!", flush=True)
     print(f"TensorBoard logs: {cfg.train_dir} (tensorboard --logdir {cfg.train_dir})", flush=True)
     print(f"Parameters: {params_path}", flush=True)
