@@ -10,7 +10,7 @@ weight decay 5e-4, 100 epochs; a method with an initial phase (IEP: 20 epochs th
 distillation module) runs it first. At the end ``train_params.mat`` (every TF1-named variable of
 ``--main_scope``) and ``log.mat`` (``training_acc``, ``validation_acc`` per epoch) are written,
 TensorBoard events go to ``--train_dir`` and a checkpoint is kept per epoch (``--resume``
-continues a run exactly; SIGTERM/SIGINT/SIGHUP stop after the current step with a checkpoint;
+continues a run exactly; SIGTERM/SIGINT/SIGHUP/SIGPIPE stop after the current step with a checkpoint;
 one training at a time per ``--train_dir``).
 ``python train_w_distill.py --helpfull`` documents every flag, each method's own included.
 
@@ -19,6 +19,7 @@ The flags live in :mod:`iepkt_tf.config`, the methods in :mod:`iepkt_tf.distille
 """
 from __future__ import annotations
 
+import os
 import signal
 import sys
 
@@ -27,10 +28,39 @@ from absl import app, flags, logging
 FLAGS = flags.FLAGS
 
 
+class ClosableStdout:
+    """``sys.stdout`` that a closed reader (``| head``) turns into ``/dev/null`` instead of a
+    BrokenPipeError: the SIGPIPE that comes with it stops the run like SIGTERM (a checkpoint,
+    exit code 141, ``--resume`` continues exactly)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def _closed(self):
+        self.stream = open(os.devnull, "w", encoding="utf-8")
+
+    def write(self, text):
+        try:
+            return self.stream.write(text)
+        except BrokenPipeError:
+            self._closed()
+            return len(text)
+
+    def flush(self):
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            self._closed()
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
 def main(argv):
     if len(argv) > 1:
         print(f"train_w_distill.py: error: unexpected arguments {argv[1:]}", file=sys.stderr)
         return 2
+    sys.stdout = ClosableStdout(sys.stdout)
     if not FLAGS["verbosity"].present:  # absl's INFO lines (one per checkpoint) only on request
         logging.set_verbosity(logging.WARNING)
     from dataloader.datasets import DatasetNotFoundError

@@ -257,12 +257,12 @@ def make_steps(cfg, method, network, teacher, optimizer, loss_scale, replicas=No
 
 # ---------------------------------------------------------------------------------- stopping
 class StopSignals:
-    """SIGTERM/SIGINT/SIGHUP (a closed terminal or ssh session) during training set ``self.name``;
-    the loop stops after the current step with a checkpoint. A second signal of the same kind ends
-    the process at once (the behaviour the process had before). Installed only in the main
-    thread."""
+    """SIGTERM/SIGINT/SIGHUP (a closed terminal or ssh session)/SIGPIPE (the reader of the output
+    went away, e.g. ``| head``) during training set ``self.name``; the loop stops after the current
+    step with a checkpoint. A second signal of the same kind ends the process at once (the
+    behaviour the process had before). Installed only in the main thread."""
 
-    SIGNALS = tuple(n for n in ("SIGTERM", "SIGINT", "SIGHUP") if hasattr(signal, n))
+    SIGNALS = tuple(n for n in ("SIGTERM", "SIGINT", "SIGHUP", "SIGPIPE") if hasattr(signal, n))
 
     def __init__(self):
         self.name, self._before = None, {}

@@ -1,4 +1,4 @@
-"""A full disk (or a permission error) at any write of a training run is one line naming the file,
+"""The environment failing a run: a full disk (or a permission error) at any write is one line naming the file,
 exit code 3 (a failure of the environment, not of the input), with the partial output removed and
 every earlier output intact, so that --resume finishes the run once there is room; partial outputs
 of an earlier invocation are removed on the next start. The ENOSPC comes from a writer patched in
@@ -95,3 +95,29 @@ def test_partial_outputs_of_an_earlier_invocation_are_removed(tmp_path):
     assert not (train_dir / "ckpt" / "ckpt-99_temp").exists()
     assert not (train_dir / ".train_params.mat.x1y2.tmp").exists()
     assert np.isfinite(load_mat(str(train_dir / "train_params.mat"))["Student/full/biases"]).all()
+
+
+def test_a_closed_output_pipe_stops_like_sigterm(tmp_path, full):  # noqa: F811
+    """``train_w_distill.py ... | head -1``: the reader goes away, the run stops after its step with
+    a checkpoint and exit code 141 (no BrokenPipeError traceback), and --resume ends exactly."""
+    import signal
+
+    train_dir = str(tmp_path / "run")
+    proc = subprocess.Popen([sys.executable, "train_w_distill.py", *FLAGS, f"--train_dir={train_dir}"],
+                            cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    try:
+        while b"[3/16]" not in proc.stdout.readline():   # a few steps into the first epoch
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        proc.stdout.close()                              # the reader is gone
+        err = proc.stderr.read().decode()
+        code = proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert code == 128 + signal.SIGPIPE, err[-2000:]
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err[-2000:]
+    assert on_disk(os.path.join(train_dir, "ckpt"))
+    resumed = run_script(train_dir, "--resume")
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    assert_same_params(train_dir, full)
