@@ -43,17 +43,12 @@ import numpy as np
 import tensorflow as tf
 
 from iepkt_tf.distillers import METHODS, build
+from op_util.optimizer import _Untracked  # a plain holder, invisible to Keras' tracking
 from op_util.schedules import learning_rate as schedule_rate
 from op_util.schedules import warmup as schedule_warmup
 
 NOT_LOSSES = ("accuracy", "applied", "warmup")
 
-
-class _Untracked:
-    """A plain holder: its attributes are invisible to Keras' tracking and weight files."""
-
-    def __init__(self, **items):
-        self.__dict__.update(items)
 
 
 # --------------------------------------------------------------------------------- the student
