@@ -461,12 +461,12 @@ def _load_synthetic(data_dir=None, seed=0, num_classes=10, train_per_class=200, 
 
 
 def _load_synthetic_parts(data_dir=None, num_classes=None, train_per_class=None,
-                          test_per_class=None, image_size=None, seed=None):
+                          test_per_class=None, image_size=None, seed=None, layouts=None):
     """``make_synthetic_parts`` with its own defaults for the options left at None."""
     from dataloader.synthetic_parts import make_synthetic_parts
 
     given = dict(num_classes=num_classes, train_per_class=train_per_class,
-                 test_per_class=test_per_class, image_size=image_size, seed=seed)
+                 test_per_class=test_per_class, image_size=image_size, seed=seed, layouts=layouts)
     return make_synthetic_parts(**{k: v for k, v in given.items() if v is not None})
 
 

@@ -32,20 +32,21 @@ DROP_PROB = 0.2        # probability that an image misses one of its class parts
 DEFAULTS = dict(num_classes=40, train_per_class=125, test_per_class=50, image_size=32, seed=0)
 
 
-def class_names(num_classes, seed=0):
+def class_names(num_classes, seed=0, layouts=LAYOUTS):
     """Readable names, e.g. ``'c03:red-disc+blue-ring+green-star'``."""
     return tuple("c%02d:" % c + "+".join("%s-%s" % (_HUE_NAMES[h], SHAPES[s]) for s, h, _, _ in parts)
-                 for c, parts in enumerate(class_parts(num_classes, seed)))
+                 for c, parts in enumerate(class_parts(num_classes, seed, layouts)))
 
 
 _HUE_NAMES = ("red", "yellow", "green", "cyan", "blue", "magenta")
 
 
-def class_parts(num_classes, seed=0):
+def class_parts(num_classes, seed=0, layouts=LAYOUTS):
     """Per class ``NUM_PARTS`` tuples ``(shape id, hue id, x, y)``, positions in [-1, 1] units.
 
     Part types are dealt from repeated shuffles of the vocabulary, so every type is used about
-    equally often and classes share types; each set of types serves ``LAYOUTS`` consecutive
+    equally often and classes share types; each set of types serves ``layouts`` (default
+    ``LAYOUTS``; ``--synthetic_layouts``) consecutive
     classes that differ only in where the parts sit (positions at least 0.55 apart).
     """
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0xC1A55]))
@@ -59,7 +60,7 @@ def class_parts(num_classes, seed=0):
         if len(set(types)) < NUM_PARTS or frozenset(types) in seen:
             continue
         seen.add(frozenset(types))
-        for _ in range(min(LAYOUTS, num_classes - len(classes))):
+        for _ in range(min(layouts, num_classes - len(classes))):
             while True:
                 pos = rng.uniform(-0.55, 0.55, (NUM_PARTS, 2))
                 d = np.sqrt(((pos[:, None] - pos[None]) ** 2).sum(-1)) + np.eye(NUM_PARTS) * 9
@@ -194,21 +195,23 @@ def _render(labels, parts, image_size, rng):
 
 def make_synthetic_parts(num_classes=DEFAULTS["num_classes"], train_per_class=DEFAULTS["train_per_class"],
                          test_per_class=DEFAULTS["test_per_class"], image_size=DEFAULTS["image_size"],
-                         seed=DEFAULTS["seed"]):
+                         seed=DEFAULTS["seed"], layouts=LAYOUTS):
     """The constellation task as a :class:`dataloader.datasets.Dataset` (labels in shuffled order).
 
     Defaults: 40 classes (20 part sets x 2 layouts), 125 training and 50 test images per class
     (5,000 / 2,000; one test image = 0.05 points), 32x32. Same arguments -> identical bytes.
+    ``layouts`` classes share each part set (more of them: a harder task, told apart by the
+    arrangement alone; the default 2 keeps the task's bytes as they have always been).
     """
     from dataloader.datasets import Dataset
 
     for flag, value, low in (("num_classes", num_classes, 2), ("train_per_class", train_per_class, 1),
                              ("test_per_class", test_per_class, 1), ("image_size", image_size, 8),
-                             ("seed", seed, 0)):
+                             ("seed", seed, 0), ("layouts", layouts, 1)):
         if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
             raise ValueError("synthetic_parts dataset: %s must be an integer >= %d, got %r"
                              % (flag, low, value))
-    parts = class_parts(num_classes, seed)
+    parts = class_parts(num_classes, seed, layouts)
     splits = []
     for seq, per_class in zip(np.random.SeedSequence([int(seed), 0x9A7]).spawn(2),
                               (train_per_class, test_per_class)):
@@ -216,4 +219,4 @@ def make_synthetic_parts(num_classes=DEFAULTS["num_classes"], train_per_class=DE
         labels = rng.permutation(np.repeat(np.arange(num_classes, dtype=np.int32), per_class))
         splits += [_render(labels, parts, image_size, rng), labels]
     return Dataset(*splits, num_classes=int(num_classes), name="synthetic_parts",
-                   class_names=class_names(num_classes, seed))
+                   class_names=class_names(num_classes, seed, layouts))

@@ -71,6 +71,10 @@ FLAG_SPECS = (
     ("boolean", "resume", False,
      "Continue from the last checkpoint in --train_dir/ckpt (to the same result as an "
      "uninterrupted run); starts from scratch if there is none."),
+    ("boolean", "resume_new_lr", False,
+     "With --resume: continue with the --learning_rate given although the run was started with "
+     "another (the schedule's later epochs scale with it); run_config.json records the change and "
+     "the epoch and step it took effect. Without it a changed learning rate is refused."),
     ("integer", "stop_after", 0,
      "Stop (as if interrupted) after this many epochs of this invocation, keeping the checkpoint; "
      "continue later with --resume. 0 = run to the end."),
@@ -129,6 +133,9 @@ FLAG_SPECS = (
     ("integer", "synthetic_test_per_class", None,
      "Generated datasets: test images per class (default synthetic 50, synthetic_parts 50)."),
     ("integer", "synthetic_image_size", None, "Generated datasets: image height and width (default 32)."),
+    ("integer", "synthetic_layouts", None,
+     "synthetic_parts: classes per part set, told apart by the parts' arrangement alone (default "
+     "2; more = a harder task on which depth matters more)."),
 )
 
 
@@ -157,11 +164,12 @@ ENUMS = {spec[1]: tuple(spec[4]) for spec in ALL_SPECS if spec[0] == "enum"}
 # log/val/vis/keep settings) and the device settings (precision, jit, deterministic, distribute,
 # replicas, sync_bn, batch_graph), which a run may change when it moves to another machine (a
 # mirrored --sync_bn run continues on one device, tests/test_distribute.py).
-RESUME_KEYS = ("Distillation", "dataset", "main_scope", "student_arch", "teacher_arch",
-               "sample_rate", "batch_size", "seed", "init_epoch", "train_epoch",
-               "learning_rate", "weight_decay",
-               "synthetic_classes", "synthetic_train_per_class", "synthetic_test_per_class",
-               "synthetic_image_size") + tuple(spec[1] for spec in METHOD_FLAG_SPECS)
+RESUME_KEYS = (("Distillation", "dataset", "main_scope", "student_arch", "teacher_arch",
+                "sample_rate", "batch_size", "seed", "init_epoch", "train_epoch",
+                "learning_rate", "weight_decay",
+                "synthetic_classes", "synthetic_train_per_class", "synthetic_test_per_class",
+                "synthetic_image_size", "synthetic_layouts")
+               + tuple(spec[1] for spec in METHOD_FLAG_SPECS))
 
 
 class ConfigError(ValueError):
@@ -286,9 +294,17 @@ def resolve_config(cfg):
                  "synthetic_image_size"):
         if getattr(cfg, name) is not None:
             _at_least(cfg, name, 1 if name != "synthetic_classes" else 2)
+    if cfg.synthetic_layouts is not None:
+        if cfg.dataset != "synthetic_parts":
+            raise ConfigError(f"--synthetic_layouts applies only to --dataset synthetic_parts, "
+                              f"got --dataset {cfg.dataset}")
+        _at_least(cfg, "synthetic_layouts", 1)
     if not (isinstance(cfg.learning_rate, (int, float)) and cfg.learning_rate > 0
             and math.isfinite(cfg.learning_rate)):
         raise ConfigError(f"--learning_rate must be a positive number, got {cfg.learning_rate!r}")
+    if cfg.resume_new_lr and not cfg.resume:
+        raise ConfigError("--resume_new_lr applies only with --resume (it continues a run with a "
+                          "changed --learning_rate)")
     if not (isinstance(cfg.weight_decay, (int, float)) and cfg.weight_decay >= 0):
         raise ConfigError(f"--weight_decay must be >= 0, got {cfg.weight_decay!r}")
     if cfg.init_epoch and not method.default_init_epoch:
@@ -359,25 +375,43 @@ def read_run_config(path):
 
 
 def check_resume_config(cfg, path):
-    """A ConfigError when ``cfg`` differs from the run config at ``path`` in a RESUME_KEYS setting."""
+    """The saved settings at ``path`` ({} if none); a ConfigError when ``cfg`` differs from them
+    in a RESUME_KEYS setting (the learning rate may differ with ``--resume_new_lr``)."""
     current = {k: getattr(cfg, k) for k in RESUME_KEYS}
-    if os.path.isfile(path):
-        saved = read_run_config(path)
-        diff = [f"--{k} {saved.get(k)!r} -> {current[k]!r}" for k in RESUME_KEYS
-                if k in saved and saved[k] != current[k]]
-        if diff:
-            raise ConfigError(f"--resume: settings differ from the run in {os.path.dirname(path)}: "
-                              + "; ".join(diff))
+    if not os.path.isfile(path):
+        return {}
+    saved = read_run_config(path)
+    allowed = ("learning_rate",) if cfg.resume_new_lr else ()
+    diff = [f"--{k} {saved.get(k)!r} -> {current[k]!r}" for k in RESUME_KEYS
+            if k in saved and saved[k] != current[k] and k not in allowed]
+    if diff:
+        hint = (" (a new learning rate needs --resume_new_lr)"
+                if any(d.startswith("--learning_rate ") for d in diff) else "")
+        raise ConfigError(f"--resume: settings differ from the run in {os.path.dirname(path)}: "
+                          + "; ".join(diff) + hint)
+    return saved
 
 
-def write_run_config(path, cfg):
+def learning_rate_change(saved, cfg, epoch, step):
+    """The ``changes`` entry of run_config.json for a learning rate changed on resume (or None)."""
+    if "learning_rate" not in saved or saved["learning_rate"] == cfg.learning_rate:
+        return None
+    return {"setting": "learning_rate", "from": saved["learning_rate"], "to": cfg.learning_rate,
+            "epoch": int(epoch), "step": int(step)}
+
+
+def write_run_config(path, cfg, changes=()):
+    """run_config.json: every setting, and the ``changes`` made on resume (``--resume_new_lr``)."""
+    settings = {k: getattr(cfg, k) for k in FLAG_NAMES + ("main_arch",)}
+    if changes:
+        settings["changes"] = list(changes)
     with atomic_open(path, "w", encoding="utf-8") as f:
-        json.dump({k: getattr(cfg, k) for k in FLAG_NAMES + ("main_arch",)}, f, indent=1, sort_keys=True)
+        json.dump(settings, f, indent=1, sort_keys=True)
 
 
 # Settings shown in TensorBoard's HParams dashboard: all but where/how the run is stored and reported.
-HPARAMS_EXCLUDE = ("train_dir", "data_dir", "resume", "stop_after", "log_every", "val_every",
-                   "keep_checkpoints", "vis_every", "vis_images", "vis_snapshots", "replicas")
+HPARAMS_EXCLUDE = ("train_dir", "data_dir", "resume", "resume_new_lr", "stop_after", "log_every",
+                   "val_every", "keep_checkpoints", "vis_every", "vis_images", "vis_snapshots", "replicas")
 # The scalar tags (all written by the loop below) the dashboard lists next to them.
 HPARAMS_METRICS = ("accuracy/validation", "accuracy/train", "loss/validation", "loss/total")
 def run_hparams(cfg):

@@ -105,6 +105,7 @@ RUN_RE = re.compile(r"^r(?P<rate>[0-9.e+-]+)_s(?P<seed>[0-9]+)$")
 RESERVED = {"train_dir": "use --out_dir", "sample_rate": "use --rates", "seed": "use --seeds",
             "teacher_params": "it is OUT/teacher/train_params.mat",
             "resume": "unfinished runs are resumed automatically",
+            "resume_new_lr": "the runner resumes a run with its own settings",
             "Distillation": "each variant of the preset sets it"}
 CSV_FIELDS = ("variant", "rate", "seed", "final_acc", "best_acc", "epochs", "wall_s", "train_dir")
 
@@ -702,8 +703,8 @@ def write_json(path, obj):
 
 # Flags that say where a run lives and how it is driven and reported, not what it computes
 # (config.HPARAMS_EXCLUDE, tested equal, plus the teacher's path and absl's verbosity).
-NOT_RESULT_FLAGS = ("train_dir", "data_dir", "resume", "stop_after", "log_every", "val_every",
-                    "keep_checkpoints", "vis_every", "vis_images", "vis_snapshots", "replicas",
+NOT_RESULT_FLAGS = ("train_dir", "data_dir", "resume", "resume_new_lr", "stop_after", "log_every",
+                    "val_every", "keep_checkpoints", "vis_every", "vis_images", "vis_snapshots", "replicas",
                     "teacher_params", "verbosity")
 
 

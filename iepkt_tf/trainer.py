@@ -44,8 +44,8 @@ import time
 import types
 
 from iepkt_tf.config import (HPARAMS_METRICS, ConfigError, check_resume_config,
-                             method_options, resolve_config, run_hparams, validation_due,
-                             write_run_config)
+                             learning_rate_change, method_options, resolve_config, run_hparams,
+                             validation_due, write_run_config)
 from iepkt_tf.frames import VIS_PANEL, EpochFrames, vis_due
 
 # Metrics that are not losses (never checked for finiteness, never listed as terms).
@@ -175,7 +175,8 @@ def load_data(cfg):
     kwargs = {}
     if cfg.dataset.startswith("synthetic"):
         kwargs = dict(num_classes=cfg.synthetic_classes, train_per_class=cfg.synthetic_train_per_class,
-                      test_per_class=cfg.synthetic_test_per_class, image_size=cfg.synthetic_image_size)
+                      test_per_class=cfg.synthetic_test_per_class, image_size=cfg.synthetic_image_size,
+                      layouts=cfg.synthetic_layouts)
         kwargs = {k: v for k, v in kwargs.items() if v is not None}
     data = load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed, **kwargs)
     try:
@@ -422,8 +423,7 @@ def _run_locked(cfg, epoch_hook, strategy, replicas, chief):
     if previous and not cfg.resume:
         raise ConfigError(f"--train_dir {cfg.train_dir} already holds a run ({previous[0]}); pass "
                           f"--resume to continue it or choose another --train_dir")
-    if previous:
-        check_resume_config(cfg, config_path)
+    saved = check_resume_config(cfg, config_path) if previous else {}
     keras.utils.set_random_seed(cfg.seed)
 
     run = types.SimpleNamespace(cfg=cfg, ckpt_dir=ckpt_dir, data=load_data(cfg), strategy=strategy,
@@ -431,6 +431,8 @@ def _run_locked(cfg, epoch_hook, strategy, replicas, chief):
     _build(run)
     run.total_epoch = cfg.init_epoch + cfg.train_epoch
     start = _checkpointing(run, config_path)
+    if run.resumed and cfg.resume_new_lr and chief:
+        _record_lr_change(cfg, config_path, saved, start)
 
     state = dict(network=run.network, teacher=run.teacher, distiller=run.method.panel_layer(),
                  method=run.method, optimizer=run.optimizer)
@@ -554,6 +556,17 @@ def _checkpointing(run, config_path):
     if run.chief:
         writing(config_path, write_run_config, config_path, cfg)
     return 0, 0
+
+
+def _record_lr_change(cfg, config_path, saved, start):
+    """--resume_new_lr: run_config.json takes the new learning rate and lists the change."""
+    change = learning_rate_change(saved, cfg, *start)
+    if change is None:
+        return
+    print(f"--resume_new_lr: learning rate {change['from']} -> {change['to']} from epoch "
+          f"{change['epoch']}, step {change['step']} (recorded in {config_path})", flush=True)
+    changes = list(saved.get("changes", [])) + [change]
+    writing(config_path, write_run_config, config_path, cfg, changes)
 
 
 def _save(run, epoch, step_in_epoch, accs):

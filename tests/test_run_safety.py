@@ -238,15 +238,54 @@ def test_resume_refuses_another_learning_rate_or_weight_decay(tmp_path):
     assert res["stopped"]
     before = folder_state(train_dir, lock=False)
     with pytest.raises(config.ConfigError,
-                       match=r"--resume: settings differ .*--learning_rate 0\.1 -> 0\.05$"):
+                       match=r"--resume: settings differ .*--learning_rate 0\.1 -> 0\.05 "
+                             r"\(a new learning rate needs --resume_new_lr\)$"):
         trainer.run(config.make_config(train_dir=train_dir, resume=True, learning_rate=0.05, **RUN))
     with pytest.raises(config.ConfigError,
-                       match=r"--learning_rate 0\.1 -> 0\.2; --weight_decay 0\.0005 -> 0\.0$"):
+                       match=r"--learning_rate 0\.1 -> 0\.2; --weight_decay 0\.0005 -> 0\.0 \(a new"):
         trainer.run(config.make_config(train_dir=train_dir, resume=True, learning_rate=0.2,
                                        weight_decay=0.0, **RUN))
     line = one_line_error(cli(f"--train_dir={train_dir}", "--resume", "--weight_decay=1e-4",
                               *FLAGS))
     assert "settings differ" in line and "--weight_decay 0.0005 -> 0.0001" in line, line
     assert folder_state(train_dir, lock=False) == before
+    assert line.endswith("--weight_decay 0.0005 -> 0.0001"), line  # no --resume_new_lr hint
     assert {"learning_rate", "weight_decay", "train_epoch", "init_epoch"} <= set(config.RESUME_KEYS)
     assert {spec[1] for spec in config.METHOD_FLAG_SPECS} <= set(config.RESUME_KEYS)
+
+
+def test_resume_new_lr_continues_with_the_new_rate_and_records_it(tmp_path):
+    """A learning-rate change is a legitimate use: refused without --resume_new_lr (with a hint),
+    applied from the checkpoint on with it (the progress lines show the new base's schedule: with 3
+    epochs, epoch 1 runs at base x 0.04, epoch 2 at base x 0.008), and recorded in run_config.json; the
+    run then resumes at its new rate without the flag and refuses the old one."""
+    train_dir = str(tmp_path / "run")
+    assert trainer.run(config.make_config(train_dir=train_dir, stop_after=1, **RUN))["stopped"]
+    before = folder_state(train_dir, lock=False)
+    flags = [f for f in FLAGS if not f.startswith("--learning_rate")]
+    line = one_line_error(cli(f"--train_dir={train_dir}", "--resume", "--learning_rate=0.05",
+                              *flags))
+    assert line.endswith("--learning_rate 0.1 -> 0.05 (a new learning rate needs --resume_new_lr)")
+    assert folder_state(train_dir, lock=False) == before
+    assert "only with --resume" in one_line_error(
+        cli(f"--train_dir={tmp_path / 'other'}", "--resume_new_lr", *flags))
+
+    res = cli(f"--train_dir={train_dir}", "--resume", "--resume_new_lr", "--learning_rate=0.05",
+              "--stop_after=1", *flags)
+    assert res.returncode == 0, res.stderr
+    assert "--resume_new_lr: learning rate 0.1 -> 0.05 from epoch 1, step 0" in res.stdout
+    lrs = {ln.split(" lr ")[1].split()[0] for ln in res.stdout.splitlines() if " lr " in ln}
+    assert lrs == {"0.002"}, res.stdout         # 0.05 x 0.04, not the old run's 0.004
+    with open(os.path.join(train_dir, "run_config.json")) as f:
+        saved = json.load(f)
+    assert saved["learning_rate"] == 0.05
+    assert saved["changes"] == [{"setting": "learning_rate", "from": 0.1, "to": 0.05,
+                                 "epoch": 1, "step": 0}]
+    line = one_line_error(cli(f"--train_dir={train_dir}", "--resume", *flags))  # lr 0.1 again
+    assert "--learning_rate 0.05 -> 0.1" in line, line
+    res = cli(f"--train_dir={train_dir}", "--resume", "--learning_rate=0.05", *flags)
+    assert res.returncode == 0 and "Finished" in res.stdout, res.stderr
+    lrs = {ln.split(" lr ")[1].split()[0] for ln in res.stdout.splitlines() if " lr " in ln}
+    assert lrs == {"0.0004"}, res.stdout        # 0.05 x 0.008
+    with open(os.path.join(train_dir, "run_config.json")) as f:
+        assert json.load(f)["changes"] == saved["changes"]

@@ -120,6 +120,24 @@ def test_hundred_classes_from_the_same_vocabulary():
     assert len(set(class_names(100))) == 100
 
 
+def test_more_layouts_per_part_set():
+    """``layouts=4`` (``--synthetic_layouts``): each part set serves 4 consecutive classes, all with
+    other positions; 100 classes use 25 sets; the default argument is the task as it was."""
+    assert class_parts(40, 0, LAYOUTS) == class_parts(40)
+    parts = class_parts(100, 0, 4)
+    types = [frozenset((s, h) for s, h, _, _ in c) for c in parts]
+    assert len(set(types)) == 25 and len(set(parts)) == 100
+    for k in range(0, 100, 4):
+        assert len({types[k + i] for i in range(4)}) == 1
+        assert len({parts[k + i] for i in range(4)}) == 4
+    assert types[3] != types[4]
+    a = make_synthetic_parts(num_classes=8, train_per_class=2, test_per_class=1, image_size=16,
+                             layouts=4)
+    assert a.class_names == class_names(8, 0, 4) != class_names(8)
+    with pytest.raises(ValueError, match="layouts must be an integer >= 1"):
+        make_synthetic_parts(num_classes=8, layouts=0)
+
+
 def test_cifar_sized_task_is_balanced_deterministic_and_fast():
     """The cpu_table1 preset's task: 50,000 / 10,000 images of 100 classes at 24x24 (rate 0.1 keeps
     50 images per class: 39 steps of 128). Its generation time is printed (-s), never asserted."""
@@ -141,3 +159,26 @@ def test_cifar_sized_task_is_balanced_deterministic_and_fast():
     again = make_synthetic_parts(num_classes=100, train_per_class=1, test_per_class=100, image_size=24)
     np.testing.assert_array_equal(again.test_images, d.test_images)
     np.testing.assert_array_equal(again.test_labels, d.test_labels)
+
+
+def test_synthetic_layouts_flag_reaches_the_task():
+    """``--synthetic_layouts`` goes through the trainer's data loading; other datasets refuse it."""
+    from iepkt_tf import config, trainer
+
+    cfg = config.resolve_config(config.make_config(
+        dataset="synthetic_parts", synthetic_classes=8, synthetic_train_per_class=4,
+        synthetic_test_per_class=2, synthetic_image_size=16, synthetic_layouts=4, batch_size=8,
+        Distillation="None"))
+    want = make_synthetic_parts(num_classes=8, train_per_class=4, test_per_class=2, image_size=16,
+                                layouts=4)
+    got = trainer.load_data(cfg)
+    np.testing.assert_array_equal(got.test_images, want.test_images)
+    assert not np.array_equal(got.test_images, make_synthetic_parts(
+        num_classes=8, train_per_class=4, test_per_class=2, image_size=16).test_images)
+    with pytest.raises(config.ConfigError, match="--synthetic_layouts applies only to --dataset "
+                                                 "synthetic_parts, got --dataset synthetic"):
+        config.resolve_config(config.make_config(dataset="synthetic", synthetic_layouts=4,
+                                                 Distillation="None"))
+    with pytest.raises(config.ConfigError, match="--synthetic_layouts"):
+        config.resolve_config(config.make_config(dataset="synthetic_parts", synthetic_layouts=0,
+                                                 Distillation="None"))
