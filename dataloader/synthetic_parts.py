@@ -41,6 +41,14 @@ def class_names(num_classes, seed=0, layouts=LAYOUTS):
 _HUE_NAMES = ("red", "yellow", "green", "cyan", "blue", "magenta")
 
 
+def max_classes(layouts=LAYOUTS):
+    """The most classes the deck can deal: every set of ``NUM_PARTS`` distinct part types, each
+    in ``layouts`` arrangements."""
+    from math import comb
+
+    return comb(len(SHAPES) * len(HUES), NUM_PARTS) * layouts
+
+
 def class_parts(num_classes, seed=0, layouts=LAYOUTS):
     """Per class ``NUM_PARTS`` tuples ``(shape id, hue id, x, y)``, positions in [-1, 1] units.
 
@@ -49,6 +57,9 @@ def class_parts(num_classes, seed=0, layouts=LAYOUTS):
     ``LAYOUTS``; ``--synthetic_layouts``) consecutive
     classes that differ only in where the parts sit (positions at least 0.55 apart).
     """
+    if num_classes > max_classes(layouts):
+        raise ValueError(f"synthetic_parts dataset: at most {max_classes(layouts)} classes with "
+                         f"{layouts} layouts, got {num_classes}")
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0xC1A55]))
     vocab = [(s, h) for s in range(len(SHAPES)) for h in range(len(HUES))]
     deck = []

@@ -717,7 +717,7 @@ def compare_table(paths):
             floor, main_ = parts["floor"], parts["main"]
             lines.append(f"| {method} | {floor['median_s']:.3f} | {main_['median_s']:.3f} | "
                          f"{main_['median_s'] / floor['median_s']:.2f} | {main_['images_per_s']:.0f} |")
-        except (OSError, ValueError, KeyError, TypeError) as e:
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
             raise ValueError(f"--compare {path}: not a benchmark --json result with parts floor and "
                              f"main ({type(e).__name__}: {e})") from None
     return "\n".join(lines)

@@ -244,11 +244,54 @@ def _choice(cfg, name, valid):
     return value
 
 
-def _at_least(cfg, name, low):
+def _at_least(cfg, name, low, high=None):
     value = getattr(cfg, name)
     if not isinstance(value, int) or isinstance(value, bool) or value < low:
         raise ConfigError(f"--{name} must be an integer >= {low}, got {value!r}")
+    if high is not None and value > high:
+        raise ConfigError(f"--{name} must be an integer in [{low}, {high}], got {value!r}")
     return value
+
+
+# Upper bounds of values that parse but cannot run (found by trying: numpy's legacy seeding stops at
+# 2**32 - 1, the per-epoch log is one tensor of init_epoch + train_epoch rows, the generators draw
+# every image in memory and the part-set deck has 34,220 sets per layout).
+MAX_SEED = 2 ** 32 - 1
+MAX_EPOCHS = 100_000
+MAX_IMAGE_SIZE = 1024
+MAX_SYNTHETIC_BYTES = 16 * 2 ** 30
+
+
+def _check_synthetic(cfg):
+    """The generated datasets' flags: each in range, and the images they draw fit in memory."""
+    low = {"synthetic_classes": 2, "synthetic_image_size": 8}
+    for name in ("synthetic_classes", "synthetic_train_per_class", "synthetic_test_per_class",
+                 "synthetic_image_size"):
+        if getattr(cfg, name) is not None:
+            _at_least(cfg, name, low.get(name, 1), MAX_IMAGE_SIZE if "size" in name else None)
+    if cfg.synthetic_layouts is not None:
+        if cfg.dataset != "synthetic_parts":
+            raise ConfigError(f"--synthetic_layouts applies only to --dataset synthetic_parts, "
+                              f"got --dataset {cfg.dataset}")
+        _at_least(cfg, "synthetic_layouts", 1)
+    if not cfg.dataset.startswith("synthetic"):
+        return
+    from dataloader.synthetic_parts import max_classes
+
+    parts = cfg.dataset == "synthetic_parts"
+    classes = cfg.synthetic_classes or (40 if parts else 10)
+    if parts and classes > max_classes(cfg.synthetic_layouts or 2):
+        raise ConfigError(f"--synthetic_classes {classes}: synthetic_parts has at most "
+                          f"{max_classes(cfg.synthetic_layouts or 2)} classes with "
+                          f"--synthetic_layouts {cfg.synthetic_layouts or 2}")
+    per_class = ((cfg.synthetic_train_per_class or (125 if parts else 200))
+                 + (cfg.synthetic_test_per_class or 50))
+    size = cfg.synthetic_image_size or 32
+    gib = classes * per_class * size * size * 3 * 4 / 2 ** 30  # float32 while drawn
+    if gib > MAX_SYNTHETIC_BYTES / 2 ** 30:
+        raise ConfigError(f"--synthetic_classes x images per class x --synthetic_image_size^2 "
+                          f"would draw {gib:.0f} GiB of images; at most "
+                          f"{MAX_SYNTHETIC_BYTES // 2 ** 30} GiB")
 
 
 def resolve_config(cfg):
@@ -272,13 +315,13 @@ def resolve_config(cfg):
     distill = method.needs_teacher
     if cfg.init_epoch is None:
         cfg.init_epoch = method.default_init_epoch
-    _at_least(cfg, "init_epoch", 0)
-    _at_least(cfg, "train_epoch", 0)
+    _at_least(cfg, "init_epoch", 0, MAX_EPOCHS)
+    _at_least(cfg, "train_epoch", 0, MAX_EPOCHS)
     if cfg.init_epoch + cfg.train_epoch < 1:
         raise ConfigError("--init_epoch + --train_epoch must be >= 1")
     _at_least(cfg, "batch_size", 2 if distill else 1)
     _at_least(cfg, "val_batch_size", 1)
-    _at_least(cfg, "seed", 0)
+    _at_least(cfg, "seed", 0, MAX_SEED)
     _at_least(cfg, "stop_after", 0)
     _at_least(cfg, "log_every", 1)
     _at_least(cfg, "val_every", 1)
@@ -290,15 +333,7 @@ def resolve_config(cfg):
         given = [n for n in ("replicas", "sync_bn", "batch_graph") if n in getattr(cfg, "given", ())]
         if given:
             raise ConfigError(f"--{given[0]} needs --distribute mirrored or multi_worker")
-    for name in ("synthetic_classes", "synthetic_train_per_class", "synthetic_test_per_class",
-                 "synthetic_image_size"):
-        if getattr(cfg, name) is not None:
-            _at_least(cfg, name, 1 if name != "synthetic_classes" else 2)
-    if cfg.synthetic_layouts is not None:
-        if cfg.dataset != "synthetic_parts":
-            raise ConfigError(f"--synthetic_layouts applies only to --dataset synthetic_parts, "
-                              f"got --dataset {cfg.dataset}")
-        _at_least(cfg, "synthetic_layouts", 1)
+    _check_synthetic(cfg)
     if not (isinstance(cfg.learning_rate, (int, float)) and cfg.learning_rate > 0
             and math.isfinite(cfg.learning_rate)):
         raise ConfigError(f"--learning_rate must be a positive number, got {cfg.learning_rate!r}")
@@ -366,7 +401,7 @@ def read_run_config(path):
     try:
         with open(path, encoding="utf-8") as f:
             saved = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise ConfigError(f"--resume: {path} is not a readable run config (expected the JSON this "
                           f"script writes): {e}") from None
     if not isinstance(saved, dict):

@@ -104,7 +104,7 @@ def run_precision(params, flag):
     try:
         with open(path, encoding="utf-8") as f:
             saved = json.load(f)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise ValueError(f"{path}: not a readable run config ({one_line(e)}); pass --precision") from None
     precision = saved.get("precision", "float32") if isinstance(saved, dict) else None
     if precision not in PRECISIONS:

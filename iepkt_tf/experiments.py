@@ -564,7 +564,7 @@ def read_json_object(path, expected):
     try:
         with open(path, encoding="utf-8") as f:
             obj = json.load(f)
-    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+    except (OSError, ValueError, RecursionError) as e:  # Unicode/JSONDecodeError: ValueErrors
         raise InputError(f"{path}: not readable JSON ({' '.join(str(e).split())}); expected "
                          f"{expected}; fix or remove it") from None
     if not isinstance(obj, dict):
@@ -887,7 +887,7 @@ def load_bench(bench_dir):
             with open(path, encoding="utf-8") as f:
                 obj = json.load(f)
             found.append((os.path.relpath(path, REPO), dict(obj["config"]), dict(obj["parts"])))
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError, RecursionError):
             continue
     return found
 

@@ -754,7 +754,7 @@ def read_manifest(directory):
     try:
         with open(path, encoding="utf-8") as f:
             manifest = json.load(f)
-    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+    except (OSError, ValueError, RecursionError) as e:  # Unicode/JSONDecodeError: ValueErrors
         raise FixtureError(f"{path}: not a readable JSON manifest ({' '.join(str(e).split())})") from None
     if not isinstance(manifest, dict):
         raise FixtureError(f"{path}: expected a JSON object {{file name: entry}}, got "

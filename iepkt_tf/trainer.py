@@ -506,7 +506,7 @@ def _lock_holder(fd):
     try:
         owner = json.loads(os.pread(fd, 4096, 0).decode() or "null")
         return f"pid {int(owner['pid'])} on {owner['host']} since {owner['started']}"
-    except (OSError, ValueError, TypeError, KeyError):
+    except (OSError, ValueError, TypeError, KeyError, RecursionError):
         return "pid unknown: the owner is starting"
 
 

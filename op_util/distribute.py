@@ -95,11 +95,16 @@ def _tf_config():
         workers = cfg["cluster"]["worker"]
         task = cfg["task"]
         task["type"], int(task["index"])
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, RecursionError) as e:
         raise DistributeError(f"TF_CONFIG: expected {{'cluster': {{'worker': [...]}}, 'task': "
                               f"{{'type': ..., 'index': ...}}}}, got {text[:120]!r} ({e})") from None
     if not isinstance(workers, list) or not workers:
         raise DistributeError("TF_CONFIG: cluster.worker must be a non-empty list of host:port")
+    jobs = cfg["cluster"].get(task["type"]) if isinstance(cfg["cluster"], dict) else None
+    if not isinstance(jobs, list) or not 0 <= int(task["index"]) < len(jobs):
+        size = len(jobs) if isinstance(jobs, list) else 0
+        raise DistributeError(f"TF_CONFIG: task {task['type']!r} index {task['index']} is not one "
+                              f"of the cluster's {size} {task['type']!r} entries (0..{size - 1})")
     return cfg
 
 

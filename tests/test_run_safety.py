@@ -223,6 +223,43 @@ def test_flag_errors_are_one_line_exit_2(tmp_path, args, expected):
     assert not os.path.exists(tmp_path / "run")
 
 
+# Values that parse but broke later with a traceback (found by trying them, one by one).
+@pytest.mark.parametrize("overrides, expected", [
+    (dict(seed=2 ** 40), "--seed must be an integer in [0, 4294967295], got 1099511627776"),
+    (dict(synthetic_image_size=4), "--synthetic_image_size must be an integer >= 8, got 4"),
+    (dict(synthetic_image_size=100000), "--synthetic_image_size must be an integer in [8, 1024]"),
+    (dict(synthetic_classes=10 ** 8), "GiB of images; at most 16 GiB"),
+    (dict(dataset="synthetic_parts", synthetic_classes=70000),
+     "--synthetic_classes 70000: synthetic_parts has at most 68440 classes"),
+    (dict(train_epoch=10 ** 11), "--train_epoch must be an integer in [0, 100000]"),
+    (dict(init_epoch=10 ** 6, Distillation="IEP"), "--init_epoch must be an integer in [0, 100000]"),
+])
+def test_values_that_parse_but_cannot_run_are_refused_up_front(overrides, expected):
+    with pytest.raises(config.ConfigError) as e:
+        config.resolve_config(config.make_config(**{**RUN, "train_dir": "unused", **overrides}))
+    assert expected in str(e.value)
+
+
+def test_tf_config_index_and_a_deeply_nested_run_config_are_one_line(tmp_path):
+    """A TF_CONFIG task index outside its cluster, and a run_config.json nested deeper than
+    Python's JSON decoder recurses, were tracebacks."""
+    env = {**ENV, "TF_CONFIG": json.dumps({"cluster": {"worker": ["localhost:1"]},
+                                           "task": {"type": "worker", "index": 3}})}
+    res = subprocess.run([sys.executable, "train_w_distill.py", f"--train_dir={tmp_path / 'w'}",
+                          "--distribute=multi_worker", *FLAGS], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=240)
+    assert one_line_error(res).endswith("TF_CONFIG: task 'worker' index 3 is not one of the "
+                                        "cluster's 1 'worker' entries (0..0)")
+    train_dir = str(tmp_path / "run")
+    assert trainer.run(config.make_config(train_dir=train_dir, stop_after=1, **RUN))["stopped"]
+    with open(os.path.join(train_dir, "run_config.json"), "w") as f:
+        f.write('{"seed": ' + "[" * 100000 + "]" * 100000 + "}")
+    before = folder_state(train_dir, lock=False)
+    line = one_line_error(cli(f"--train_dir={train_dir}", "--resume", *FLAGS))
+    assert "run_config.json is not a readable run config" in line and "recursion" in line, line
+    assert folder_state(train_dir, lock=False) == before
+
+
 def test_help_lists_the_script_flags_and_exits_0():
     res = cli("--help")
     assert res.returncode == 0 and not res.stderr.strip(), res.stderr
