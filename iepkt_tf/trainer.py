@@ -73,7 +73,9 @@ def _reason(e):
     import tensorflow as tf
 
     if isinstance(e, tf.errors.OpError):
-        return " ".join(str(e.message).split())[:200]
+        # TensorFlow's file errors end "<path>; <strerror>" after a function_node prefix.
+        message = " ".join(str(e.message).split())
+        return message.rsplit("; ", 1)[-1][:200]
     return e.strerror or str(e)
 
 

@@ -121,3 +121,22 @@ def test_a_closed_output_pipe_stops_like_sigterm(tmp_path, full):  # noqa: F811
     resumed = run_script(train_dir, "--resume")
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
     assert_same_params(train_dir, full)
+
+
+def test_a_tensorflow_write_error_names_the_os_reason_only():
+    """TensorFlow's file errors read '{{function_node ...SaveV2...}} <path>; No space left on
+    device' (seen on a full tmpfs): the one line keeps the reason, not the function node."""
+    import tensorflow as tf
+
+    from iepkt_tf.trainer import WriteError, writing
+
+    def save():
+        raise tf.errors.ResourceExhaustedError(
+            None, None, "{{function_node __wrapped__SaveV2_dtypes_121_device_/job:localhost/"
+            "replica:0/task:0/device:CPU:0}} /x/ckpt/ckpt-32_temp/part-00000-of-00001.data; "
+            "No space left on device [Op:SaveV2]")
+
+    with pytest.raises(WriteError) as e:
+        writing("the checkpoint /x/ckpt/ckpt-32", save)
+    assert str(e.value) == ("cannot write the checkpoint /x/ckpt/ckpt-32: No space left on device "
+                            "[Op:SaveV2]")
